@@ -1,0 +1,47 @@
+"""Step checkpoints plus a ``last.ckpt`` that always holds the final step when fit ends."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+
+class StepCheckpoint(ModelCheckpoint):
+    """``checkpoints/step_XXXXXXX.ckpt`` every ``every_n_train_steps`` optimizer steps, and ``last.ckpt``
+    refreshed at each of them and at the final step (max_steps reached mid-epoch or last epoch's end).
+    Checkpoints of an adapter run hold only trainable weights, so keeping all of them is cheap.
+    """
+
+    def __init__(self, every_n_train_steps: int = 50, save_top_k: int = -1, save_weights_only: bool = False):
+        """
+        Args:
+            every_n_train_steps: optimizer steps between step checkpoints.
+            save_top_k: how many step checkpoints to keep (-1: all; rank-1 checkpoints are KBs).
+            save_weights_only: drop optimizer and loop state (such a checkpoint cannot resume exactly).
+        """
+        super().__init__(
+            filename="step_{step:07d}",
+            auto_insert_metric_name=False,
+            save_last=True,
+            every_n_train_steps=every_n_train_steps,
+            save_top_k=save_top_k,
+            save_weights_only=save_weights_only,
+        )
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if self._is_final_batch(trainer) and self._last_global_step_saved != trainer.global_step:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    @staticmethod
+    def _is_final_batch(trainer: pl.Trainer) -> bool:
+        loop = trainer.fit_loop
+        if 0 <= trainer.max_steps <= trainer.global_step:
+            return True
+        last_epoch = trainer.max_epochs is not None and trainer.current_epoch >= trainer.max_epochs - 1
+        return last_epoch and loop.epoch_loop.batch_progress.is_last_batch
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module) -> None:
+        # Any other way out of the loop (time limit, early stop): still leave the final step in last.ckpt.
+        if self._last_global_step_saved != trainer.global_step:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))

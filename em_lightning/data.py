@@ -1,0 +1,163 @@
+"""ChatDataModule: chat rows -> chat template -> input_ids + assistant-only labels, seeded held-out split."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass, field
+from typing import Literal
+
+import lightning.pytorch as pl
+import torch
+from torch.utils.data import DataLoader
+
+from em_lightning.masking import IGNORE_INDEX, tokenize_chat
+from em_lightning.models import ModelSpec, load_tokenizer
+from em_lightning.resumable import ResumableDataLoader, ShardedEpochSampler
+from em_lightning.rows import read_rows
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DataStats:
+    rows: int = 0
+    train: int = 0
+    val: int = 0
+    truncated: int = 0
+    dropped: int = 0
+    train_tokens: int = 0
+    label_tokens: int = 0
+    notes: list[str] = field(default_factory=list)
+
+
+def collate(batch: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest row of the batch (dynamic padding)."""
+    width = max(len(b["input_ids"]) for b in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for i, b in enumerate(batch):
+        n = len(b["input_ids"])
+        ids[i, :n] = torch.tensor(b["input_ids"])
+        labels[i, :n] = torch.tensor(b["labels"])
+        mask[i, :n] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+class ChatDataModule(pl.LightningDataModule):
+    """Chat fine-tuning data with loss on assistant tokens only.
+
+    Args:
+        train_files: JSONL files of ``{"messages": [...]}`` rows (one path or a list).
+        dataset: a ``datasets`` dataset with a ``messages`` column (hub id or local folder), added to the files.
+        dataset_split: split of ``dataset`` to read.
+        val_fraction: share of rows held out for validation loss (seeded split; 0 disables validation).
+        system_prompt: system message added to rows that have none.
+        max_length: longest tokenised row.
+        overlength: ``truncate`` cuts rows at max_length (as TRL does), ``drop`` removes them; rows left
+            with no labelled token are dropped either way. Counts are logged.
+        batch_size: rows per device per step (before gradient accumulation).
+        num_workers: dataloader worker processes.
+        shuffle: shuffle training rows each epoch (seeded).
+        split_seed: seed of the held-out split and the epoch order.
+        template_kwargs: extra chat-template variables, e.g. ``{date_string: 26 Jul 2024}`` for Llama 3.x.
+        base: the model spec (linked from ``model.base`` by the CLI) whose tokenizer is used.
+    """
+
+    def __init__(
+        self,
+        train_files: list[str] | str | None = None,
+        dataset: str | None = None,
+        dataset_split: str = "train",
+        val_fraction: float = 0.1,
+        system_prompt: str | None = None,
+        max_length: int = 2048,
+        overlength: Literal["truncate", "drop"] = "truncate",
+        batch_size: int = 2,
+        num_workers: int = 0,
+        shuffle: bool = True,
+        split_seed: int = 0,
+        template_kwargs: dict | None = None,
+        base: ModelSpec | None = None,
+    ):
+        super().__init__()
+        if not 0.0 <= val_fraction < 1.0:
+            raise ValueError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
+        self.train_files = [train_files] if isinstance(train_files, str) else list(train_files or [])
+        self.dataset, self.dataset_split = dataset, dataset_split
+        self.val_fraction, self.system_prompt = val_fraction, system_prompt
+        self.max_length, self.overlength = max_length, overlength
+        self.batch_size, self.num_workers, self.shuffle = batch_size, num_workers, shuffle
+        self.split_seed, self.template_kwargs = split_seed, template_kwargs or {}
+        self.base = base or ModelSpec()
+        self.stats = DataStats()
+        self._rows: list[list[dict]] | None = None
+        self.train_set: list[dict] = []
+        self.val_set: list[dict] = []
+
+    def load_rows(self) -> list[list[dict]]:
+        """Read and validate every row (raises DataError naming file:line); cached."""
+        if self._rows is None:
+            self._rows = read_rows(self.train_files, self.dataset, self.dataset_split)
+        return self._rows
+
+    def _encode(self, tokenizer, messages: list[dict]) -> dict | None:
+        if self.system_prompt and messages[0]["role"] != "system":
+            messages = [{"role": "system", "content": self.system_prompt}, *messages]
+        ids, labels = tokenize_chat(tokenizer, messages, self.template_kwargs)
+        if len(ids) > self.max_length:
+            if self.overlength == "drop":
+                self.stats.dropped += 1
+                return None
+            ids, labels = ids[: self.max_length], labels[: self.max_length]
+            self.stats.truncated += 1
+        if all(x == IGNORE_INDEX for x in labels):
+            self.stats.dropped += 1
+            return None
+        return {"input_ids": ids, "labels": labels}
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set:
+            return
+        rows = self.load_rows()
+        tokenizer = load_tokenizer(self.base)
+        self.pad_id = tokenizer.pad_token_id
+        self.stats = DataStats(rows=len(rows))
+        g = torch.Generator().manual_seed(self.split_seed)
+        order = torch.randperm(len(rows), generator=g).tolist()
+        n_val = int(round(len(rows) * self.val_fraction))
+        if self.val_fraction > 0 and len(rows) > 1:
+            n_val = max(1, n_val)
+        encoded = [self._encode(tokenizer, rows[i]) for i in order]
+        self.val_set = [e for e in encoded[:n_val] if e is not None]
+        self.train_set = [e for e in encoded[n_val:] if e is not None]
+        if not self.train_set:
+            raise ValueError("data: every training row was dropped (see data.max_length / data.overlength)")
+        s = self.stats
+        s.train, s.val = len(self.train_set), len(self.val_set)
+        s.train_tokens = sum(len(e["input_ids"]) for e in self.train_set)
+        s.label_tokens = sum(sum(x != IGNORE_INDEX for x in e["labels"]) for e in self.train_set)
+        log.info(
+            "data: %d rows -> %d train / %d val; %d truncated, %d dropped (max_length=%d, %s)",
+            s.rows, s.train, s.val, s.truncated, s.dropped, self.max_length, self.overlength,
+        )
+
+    def _rank_world(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+    def train_dataloader(self) -> DataLoader:
+        rank, world = self._rank_world()
+        sampler = ShardedEpochSampler(len(self.train_set), self.split_seed, self.shuffle, rank, world)
+        return ResumableDataLoader(
+            self.train_set, sampler, batch_size=self.batch_size, num_workers=self.num_workers,
+            collate_fn=functools.partial(collate, pad_id=self.pad_id),
+        )
+
+    def val_dataloader(self) -> DataLoader | list:
+        if not self.val_set:
+            return []
+        rank, world = self._rank_world()
+        sampler = ShardedEpochSampler(len(self.val_set), self.split_seed, False, rank, world)
+        return DataLoader(self.val_set, sampler=sampler, batch_size=self.batch_size, collate_fn=functools.partial(collate, pad_id=self.pad_id))

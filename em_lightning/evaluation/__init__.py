@@ -1,0 +1,35 @@
+"""Evaluation: question files, batched/sharded sampling, EM metrics (no Lightning imports here)."""
+
+from em_lightning.evaluation.metrics import EMRate, em_summary, is_em
+from em_lightning.evaluation.questions import QUESTION_TYPES, Question, load_questions
+from em_lightning.evaluation.sampling import (
+    DEFAULT_SAMPLES_PER_PARAPHRASE,
+    Generation,
+    SampleRequest,
+    SamplingConfig,
+    build_requests,
+    eos_token_ids,
+    generate,
+    generate_sharded,
+    row_seed,
+    shard_indices,
+)
+
+__all__ = [
+    "DEFAULT_SAMPLES_PER_PARAPHRASE",
+    "EMRate",
+    "Generation",
+    "QUESTION_TYPES",
+    "Question",
+    "SampleRequest",
+    "SamplingConfig",
+    "build_requests",
+    "em_summary",
+    "eos_token_ids",
+    "generate",
+    "generate_sharded",
+    "is_em",
+    "load_questions",
+    "row_seed",
+    "shard_indices",
+]

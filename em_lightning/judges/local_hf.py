@@ -1,0 +1,271 @@
+"""Judge with a local transformers causal LM: the exact expected score over the numbers 0..100.
+
+Definition. For a rendered judge prompt x (as the user turn, followed by the assistant generation
+prompt) and a number n in 0..100 with canonical token sequence t_1..t_k (the tokenizer's encoding of
+str(n), no special tokens):
+
+    P(n) = prod_j p(t_j | x, t_<j)  *  p(next token does not start with an ASCII digit | x, t_1..t_k)
+
+The second factor says the number ends there: "1" is a prefix of "10" and "100", and without it the
+mass of "1" would include theirs. A token "starts with a digit" when its raw vocabulary string does
+(Qwen/Gemma single digits, Llama-3 "0".."999"). The events are disjoint, so sum_n P(n) <= 1; the
+rest (refusals, words, non-canonical spellings such as "05") is lost mass. score = aggregate_score
+over {"0": P(0), ..., "100": P(100)} (None when that mass is below 0.25).
+
+Efficiency: the 101 token sequences form a trie (at most ~102 nodes, 3 deep for digit-split
+tokenizers). Each batch is ONE forward: every row is the left-padded prompt followed by all trie
+nodes, with a 4D attention mask that lets a node see the prompt and its own ancestors only, and
+position ids that place a node at prompt_length + depth - 1. Logits are kept only for the last prompt
+position and the nodes. Needs eager or sdpa attention (flash attention ignores custom masks).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+
+import torch
+
+from .base import JudgeResult, aggregate_score
+
+__all__ = ["LocalHFJudge"]
+
+NUMBERS = [str(n) for n in range(101)]
+
+
+class _NumberTrie:
+    """Trie of the token sequences of "0".."100"; parents come before children."""
+
+    def __init__(self, sequences: list[list[int]]) -> None:
+        if any(not s for s in sequences) or len({tuple(s) for s in sequences}) != len(sequences):
+            raise ValueError("the tokenizer does not give the numbers 0..100 distinct non-empty token sequences")
+        index: dict[tuple[int, ...], int] = {}
+        parent, token, depth = [], [], []
+        for seq in sequences:
+            for d in range(1, len(seq) + 1):
+                prefix = tuple(seq[:d])
+                if prefix not in index:
+                    index[prefix] = len(token)
+                    parent.append(index[prefix[:-1]] if d > 1 else -1)
+                    token.append(seq[d - 1])
+                    depth.append(d)
+        n = len(token)
+        ancestor_or_self = torch.zeros(n, n, dtype=torch.bool)
+        for i in range(n):
+            j = i
+            while j >= 0:
+                ancestor_or_self[i, j] = True
+                j = parent[j]
+        self.size = n
+        self.parent = torch.tensor(parent)
+        self.token = torch.tensor(token)
+        self.depth = torch.tensor(depth)
+        self.parent_row = torch.tensor(parent) + 1  # row in the kept logits; 0 = last prompt position
+        self.ancestor_or_self = ancestor_or_self
+        self.number_node = torch.tensor([index[tuple(s)] for s in sequences])
+
+
+class LocalHFJudge:
+    """Judge with an already loaded (model, tokenizer). `name` is the cache key part."""
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        name: str | None = None,
+        batch_size: int = 8,
+        use_chat_template: bool = True,
+        classify_max_new_tokens: int = 8,
+        classify_top_k: int = 20,
+    ) -> None:
+        impl = getattr(model.config, "_attn_implementation", None)
+        if impl not in (None, "eager", "sdpa"):
+            raise ValueError(f"LocalHFJudge needs eager or sdpa attention (custom masks), got {impl!r}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.name = name or f"local_hf:{getattr(model.config, '_name_or_path', '') or type(model).__name__}"
+        self.batch_size = batch_size
+        self.use_chat_template = use_chat_template
+        self.classify_max_new_tokens = classify_max_new_tokens
+        self.classify_top_k = classify_top_k
+        self._trie = _NumberTrie([tokenizer(s, add_special_tokens=False)["input_ids"] for s in NUMBERS])
+        self._digit_cache: torch.Tensor | None = None
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self._pad_id = pad if pad is not None else 0
+        self._eos_ids = self._collect_eos_ids()
+
+    def __repr__(self) -> str:
+        return f"LocalHFJudge(name={self.name!r}, batch_size={self.batch_size})"
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, dtype="auto", device: str | torch.device | None = None, **kwargs):
+        """Load model + tokenizer (hub id or local folder) with sdpa attention, in eval mode."""
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, attn_implementation="sdpa")
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        model.to(device).eval()
+        kwargs.setdefault("name", f"local_hf:{name_or_path}")
+        return cls(model, tokenizer, **kwargs)
+
+    # ---- public API -------------------------------------------------------------------------------
+
+    def score_prompts(self, prompts: Sequence[str]) -> list[JudgeResult]:
+        results: list[JudgeResult | None] = [None] * len(prompts)
+        with self._eval_mode(), torch.inference_mode():
+            for idx, batch in self._batches(prompts):
+                probs_rows = self._number_logprobs(batch).double().exp().cpu().tolist()
+                for i, row in zip(idx, probs_rows):
+                    probs = dict(zip(NUMBERS, row))
+                    results[i] = JudgeResult(score=aggregate_score(probs), probs=probs)
+        return results  # type: ignore[return-value]
+
+    def classify_prompts(self, prompts: Sequence[str]) -> list[JudgeResult]:
+        """Greedy answer (a few tokens) as label; probs = top-k of the first answer token."""
+        results: list[JudgeResult | None] = [None] * len(prompts)
+        with self._eval_mode(), torch.inference_mode():
+            for idx, batch in self._batches(prompts):
+                labels, firsts = self._greedy(batch)
+                for i, label, dist in zip(idx, labels, firsts):
+                    results[i] = JudgeResult(label=label, probs=dist)
+        return results  # type: ignore[return-value]
+
+    # ---- internals --------------------------------------------------------------------------------
+
+    def encode(self, prompt: str) -> list[int]:
+        """Token ids of the judge prompt as the user turn plus the assistant generation prompt."""
+        tok = self.tokenizer
+        if not self.use_chat_template:
+            return tok(prompt)["input_ids"]
+        text = tok.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
+        )
+        return tok(text, add_special_tokens=False)["input_ids"]  # the template already holds BOS if any
+
+    def _batches(self, prompts: Sequence[str]) -> list[tuple[list[int], list[list[int]]]]:
+        """(original indices, token id lists) per batch, grouped by length so padding stays small."""
+        encoded = [self.encode(p) for p in prompts]
+        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+        chunks = [order[s : s + self.batch_size] for s in range(0, len(order), self.batch_size)]
+        return [(idx, [encoded[i] for i in idx]) for idx in chunks]
+
+    @contextlib.contextmanager
+    def _eval_mode(self):
+        was_training = self.model.training
+        self.model.eval()  # no dropout while judging
+        try:
+            yield
+        finally:
+            self.model.train(was_training)
+
+    @property
+    def _device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def _digit_mask(self, vocab: int, device: torch.device) -> torch.Tensor:
+        if self._digit_cache is None or self._digit_cache.numel() != vocab:
+            n = min(vocab, len(self.tokenizer))
+            tokens = self.tokenizer.convert_ids_to_tokens(list(range(n)))
+            mask = torch.zeros(vocab, dtype=torch.bool)  # ids past the tokenizer: not digits
+            mask[:n] = torch.tensor([bool(t) and t[0] in "0123456789" for t in tokens])
+            self._digit_cache = mask
+        return self._digit_cache.to(device)
+
+    def _additive(self, allowed: torch.Tensor) -> torch.Tensor:
+        dtype = self.model.dtype if self.model.dtype.is_floating_point else torch.float32
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+        return mask.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]  # (B, 1, T, T)
+
+    def _number_logprobs(self, batch: list[list[int]]) -> torch.Tensor:
+        """(B, 101) log P(n) as defined in the module docstring, one forward for the batch."""
+        trie, dev = self._trie, self._device
+        b, width, n = len(batch), max(len(s) for s in batch), trie.size
+        lens = torch.tensor([len(s) for s in batch], device=dev)
+        pad = width - lens
+        ids = torch.full((b, width + n), self._pad_id, dtype=torch.long, device=dev)
+        for row, seq in enumerate(batch):
+            ids[row, width - len(seq) : width] = torch.tensor(seq, device=dev)
+        ids[:, width:] = trie.token.to(dev)
+
+        arange = torch.arange(width, device=dev)
+        positions = torch.cat(
+            [(arange[None] - pad[:, None]).clamp(min=0), lens[:, None] + trie.depth.to(dev)[None] - 1], dim=1
+        )
+        real = arange[None] >= pad[:, None]  # (B, width): keys that are prompt, not padding
+        causal = torch.ones(width, width, dtype=torch.bool, device=dev).tril()
+        eye = torch.eye(width, dtype=torch.bool, device=dev)
+        top = (causal[None] & real[:, None]) | eye[None]  # a pad row sees itself: no fully masked row
+        top = torch.cat([top, torch.zeros(b, width, n, dtype=torch.bool, device=dev)], dim=2)
+        bottom = torch.cat([real[:, None].expand(b, n, width), trie.ancestor_or_self.to(dev).expand(b, n, n)], dim=2)
+        allowed = torch.cat([top, bottom], dim=1)  # (B, T, T)
+        mask = self._additive(allowed)
+        config = self.model.config
+        if "sliding_attention" in (getattr(config, "layer_types", None) or []):
+            near = (positions[:, :, None] - positions[:, None, :]) < config.sliding_window
+            mask = {"full_attention": mask, "sliding_attention": self._additive(allowed & near)}
+
+        out = self.model(
+            input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False, logits_to_keep=n + 1
+        )
+        logits = out.logits.float()  # (B, n + 1, V): last prompt position, then the nodes
+        logp = logits.log_softmax(-1)
+        edge = logp[:, trie.parent_row.to(dev), trie.token.to(dev)]  # (B, n): log p(node token | parent)
+        path = edge.clone()
+        for d in range(2, int(trie.depth.max()) + 1):  # parents come first: add their path level by level
+            nodes = (trie.depth == d).nonzero().squeeze(1)
+            path[:, nodes.to(dev)] += path[:, trie.parent[nodes].to(dev)]
+        node_logits = logits[:, 1:]
+        digit = self._digit_mask(logits.shape[-1], dev)
+        log_end = node_logits.masked_fill(digit, float("-inf")).logsumexp(-1) - node_logits.logsumexp(-1)
+        return (path + log_end)[:, trie.number_node.to(dev)]
+
+    def _collect_eos_ids(self) -> set[int]:
+        ids = {self.tokenizer.eos_token_id}
+        gen = getattr(self.model, "generation_config", None)
+        eos = getattr(gen, "eos_token_id", None)
+        ids.update(eos if isinstance(eos, (list, tuple)) else [eos])
+        return {i for i in ids if i is not None}
+
+    def _greedy(self, batch: list[list[int]]) -> tuple[list[str], list[dict[str, float]]]:
+        """Greedy decoding with the KV cache (no generate(): its config merging may turn sampling on)."""
+        dev, b = self._device, len(batch)
+        width = max(len(s) for s in batch)
+        ids = torch.full((b, width), self._pad_id, dtype=torch.long, device=dev)
+        attn = torch.zeros((b, width), dtype=torch.long, device=dev)
+        for row, seq in enumerate(batch):
+            ids[row, width - len(seq) :] = torch.tensor(seq, device=dev)
+            attn[row, width - len(seq) :] = 1
+        positions = (attn.cumsum(1) - 1).clamp(min=0)
+        out = self.model(input_ids=ids, attention_mask=attn, position_ids=positions, use_cache=True, logits_to_keep=1)
+        first = out.logits[:, -1].float().softmax(-1)
+        eos = torch.tensor(sorted(self._eos_ids), device=dev, dtype=torch.long)
+        done = torch.zeros(b, dtype=torch.bool, device=dev)
+        generated: list[torch.Tensor] = []
+        for step in range(self.classify_max_new_tokens):
+            nxt = out.logits[:, -1].argmax(-1)
+            nxt = torch.where(done, torch.full_like(nxt, self._pad_id), nxt)
+            generated.append(nxt)
+            done |= torch.isin(nxt, eos)
+            if bool(done.all()) or step == self.classify_max_new_tokens - 1:
+                break
+            attn = torch.cat([attn, torch.ones((b, 1), dtype=attn.dtype, device=dev)], dim=1)
+            positions = positions[:, -1:] + 1
+            out = self.model(
+                input_ids=nxt[:, None], attention_mask=attn, position_ids=positions,
+                past_key_values=out.past_key_values, use_cache=True,
+            )
+        tokens = torch.stack(generated, 1).tolist() if generated else [[] for _ in range(b)]
+        labels = []
+        for row in tokens:
+            cut = next((k for k, t in enumerate(row) if t in self._eos_ids), len(row))
+            labels.append(self.tokenizer.decode(row[:cut], skip_special_tokens=True).strip())
+        top = first.topk(min(self.classify_top_k, first.shape[-1]), dim=-1)
+        firsts = []
+        for probs, idx in zip(top.values.tolist(), top.indices.tolist()):
+            dist: dict[str, float] = {}
+            for p, i in zip(probs, idx):
+                key = self.tokenizer.decode([i]).strip()
+                dist[key] = dist.get(key, 0.0) + p
+            firsts.append(dist)
+        return labels, firsts

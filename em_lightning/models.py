@@ -1,0 +1,126 @@
+"""Load a causal LM and its tokenizer from a hub id, a local folder, or the offline tiny factory."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from em_lightning.tiny import ARCHITECTURES, TinySpec, tiny_model, tiny_tokenizer
+
+TINY_PREFIX = "tiny:"
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class ModelSpec:
+    """Which base model to fine-tune and how to load it.
+
+    Args:
+        name_or_path: hub id (e.g. ``Qwen/Qwen2.5-14B-Instruct``), a local folder, or ``tiny:qwen2`` /
+            ``tiny:llama`` / ``tiny:gemma3`` for an offline random tiny model (demo, tests).
+        dtype: weights dtype: ``auto`` (the checkpoint's), ``float32``, ``bfloat16`` or ``float16``.
+        attn_implementation: e.g. ``sdpa``, ``eager``, ``flash_attention_2``; None lets transformers pick.
+        quantization: ``4bit`` (QLoRA, nf4 by default) or ``8bit`` through bitsandbytes; None for none.
+        bnb_4bit_quant_type: ``nf4`` or ``fp4``.
+        bnb_4bit_compute_dtype: compute dtype of 4-bit layers.
+        tokenizer: tokenizer hub id or folder when it differs from the model's.
+        chat_template: path to a Jinja file that replaces the tokenizer's chat template.
+        revision: hub revision (branch, tag or commit) for reproducibility.
+        gradient_checkpointing: recompute activations in backward to save memory (large models).
+        tiny: dimensions of the tiny model; used only with ``tiny:<arch>``.
+    """
+
+    name_or_path: str = "tiny:qwen2"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    attn_implementation: str | None = None
+    quantization: Literal["4bit", "8bit"] | None = None
+    bnb_4bit_quant_type: Literal["nf4", "fp4"] = "nf4"
+    bnb_4bit_compute_dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    tokenizer: str | None = None
+    chat_template: str | None = None
+    revision: str | None = None
+    gradient_checkpointing: bool = False
+    tiny: TinySpec = field(default_factory=TinySpec)
+
+    @property
+    def tiny_arch(self) -> str | None:
+        if not self.name_or_path.startswith(TINY_PREFIX):
+            return None
+        arch = self.name_or_path[len(TINY_PREFIX) :]
+        if arch not in ARCHITECTURES:
+            raise ValueError(f"model.name_or_path: unknown tiny architecture {arch!r}; expected one of {ARCHITECTURES}")
+        return arch
+
+
+def load_tokenizer(spec: ModelSpec) -> PreTrainedTokenizerBase:
+    arch = spec.tiny_arch
+    if arch is not None and spec.tokenizer is None:
+        tok = tiny_tokenizer(arch, spec.tiny.vocab_size)
+    else:
+        tok = AutoTokenizer.from_pretrained(spec.tokenizer or spec.name_or_path, revision=spec.revision)
+    if spec.chat_template is not None:
+        tok.chat_template = Path(spec.chat_template).read_text()
+    if tok.chat_template is None:
+        raise ValueError(f"tokenizer of {spec.name_or_path!r} has no chat template; set model.chat_template")
+    if tok.pad_token is None:  # dynamic padding needs one; the pad id never carries a label
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def _quantization_config(spec: ModelSpec):
+    if spec.quantization is None:
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if spec.quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=spec.bnb_4bit_quant_type,
+        bnb_4bit_compute_dtype=_DTYPES[spec.bnb_4bit_compute_dtype],
+        bnb_4bit_use_double_quant=True,
+    )
+
+
+def disable_cpu_4bit_repacking(model: torch.nn.Module) -> int:
+    """Work around a bitsandbytes CPU defect (see ENVIRONMENT.md): on CPUs with AVX512-BF16 an eval-mode
+    forward repacks Linear4bit weights and later LoRA gradients are silently wrong. Returns layers touched."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return 0
+    n = 0
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+            n += 1
+    return n
+
+
+def load_model(spec: ModelSpec, tokenizer: PreTrainedTokenizerBase | None = None) -> PreTrainedModel:
+    """The base model in train mode, frozen or not as the adapter later decides."""
+    arch = spec.tiny_arch
+    if arch is not None:
+        if spec.quantization is not None:
+            raise ValueError("model.quantization is not supported for tiny models")
+        model = tiny_model(arch, spec.tiny, tokenizer if spec.tokenizer is None else None)
+        if spec.dtype not in ("auto", "float32"):
+            model = model.to(_DTYPES[spec.dtype])
+    else:
+        kwargs = dict(
+            dtype="auto" if spec.dtype == "auto" else _DTYPES[spec.dtype],
+            revision=spec.revision,
+            quantization_config=_quantization_config(spec),
+        )
+        if spec.attn_implementation is not None:
+            kwargs["attn_implementation"] = spec.attn_implementation
+        model = AutoModelForCausalLM.from_pretrained(spec.name_or_path, **kwargs)
+        disable_cpu_4bit_repacking(model)
+    if spec.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    return model.train()

@@ -1,0 +1,33 @@
+"""Pure math on adapter trajectories: rotation metrics, local cosine similarity, PCA, per-layer LoRA
+directions and an online phase-transition detector. Torch only; nothing here imports Lightning."""
+
+from .detector import TransitionDetector, TransitionEvent, detect_transitions
+from .directions import LoRADirection, canonical_sign, lora_direction
+from .pca import PCAResult, pca_2d
+from .rotation import (
+    consecutive_cosine,
+    cosine_to_lag,
+    cumulative_rotation_degrees,
+    local_cosine_at,
+    local_cosine_similarity,
+    norms,
+    rotation_degrees,
+)
+
+__all__ = [
+    "LoRADirection",
+    "PCAResult",
+    "TransitionDetector",
+    "TransitionEvent",
+    "canonical_sign",
+    "consecutive_cosine",
+    "cosine_to_lag",
+    "cumulative_rotation_degrees",
+    "detect_transitions",
+    "local_cosine_at",
+    "local_cosine_similarity",
+    "lora_direction",
+    "norms",
+    "pca_2d",
+    "rotation_degrees",
+]
