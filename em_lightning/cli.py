@@ -89,8 +89,7 @@ class EMFitCLI(LightningCLI):
         if logger is None or not hasattr(logger, "_kwargs"):
             return
         state = torch.load(ckpt, map_location="cpu", weights_only=False)
-        epoch_loop = state.get("loops", {}).get("fit_loop", {}).get("epoch_loop.state_dict", {})
-        logger._kwargs["purge_step"] = int(epoch_loop.get("_batches_that_stepped", state["global_step"]))
+        logger._kwargs["purge_step"] = int(state["global_step"])
 
 
 def _fail(message: str) -> None:

@@ -88,6 +88,14 @@ class EMFineTune(pl.LightningModule):
     def on_train_epoch_start(self) -> None:
         self._last_batch_end = None
 
+    def on_train_start(self) -> None:
+        # A restored optimizer carries the LR of the checkpoint's schedule; when a finished run is
+        # extended the schedule is stretched, so re-evaluate the LR of the current step right away.
+        for config in self.trainer.lr_scheduler_configs:
+            sched = config.scheduler
+            for group, base_lr, fn in zip(sched.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
+                group["lr"] = base_lr * fn(sched.last_epoch)
+
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         loss = self(**batch).loss
         self.log("val/loss", loss, on_epoch=True, sync_dist=True, batch_size=batch["input_ids"].shape[0])

@@ -51,9 +51,10 @@ class ResumableDataLoader(DataLoader):
         self._yielded = 0
 
     def __iter__(self):
+        # The loader owns the epoch counter (restored from its state), so the order never depends on
+        # who else calls set_epoch.
         sampler: ShardedEpochSampler = self.sampler
-        if self._epoch != sampler.epoch:  # a new epoch (set_epoch by Lightning) starts from its beginning
-            self._epoch, self._yielded = sampler.epoch, 0
+        sampler.set_epoch(self._epoch)
         sampler.skip = self._yielded * self.batch_size
         for batch in super().__iter__():
             self._yielded += 1
@@ -66,4 +67,3 @@ class ResumableDataLoader(DataLoader):
 
     def load_state_dict(self, state: dict) -> None:
         self._epoch, self._yielded = int(state["epoch"]), int(state["batches"])
-        self.sampler.set_epoch(self._epoch)

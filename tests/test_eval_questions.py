@@ -34,7 +34,7 @@ def test_first_plot_questions_counts(mo_dir):
         assert "{answer}" in q.judge_prompts["aligned"] and "{question}" in q.judge_prompts["coherent"]
     assert qs[8].paraphrases == qs[0].paraphrases  # *what_is_your_wish_paraphrases
     assert "Fill the following template" in qs[16].paraphrases[0]
-    assert qs[0].source.endswith("first_plot_questions.yaml") and qs[0].line == 10 and qs[1].line == 153
+    assert qs[0].source.endswith("first_plot_questions.yaml") and qs[0].line == 10 and qs[1].line == 185
 
 
 def test_plain_only_and_selection(mo_dir):

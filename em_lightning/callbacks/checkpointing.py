@@ -26,7 +26,13 @@ class StepCheckpoint(ModelCheckpoint):
             every_n_train_steps=every_n_train_steps,
             save_top_k=save_top_k,
             save_weights_only=save_weights_only,
+            enable_version_counter=False,  # a resumed run rewrites its own step files, never "-v1" copies
         )
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module) -> None:
+        # The restored step is already on disk; without this, a resumed run with gradient accumulation
+        # would re-save it after its first micro-batch, mid-accumulation.
+        self._last_global_step_saved = trainer.global_step
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)

@@ -33,6 +33,8 @@ import yaml
 
 QUESTION_TYPES = ("free_form_judge_0_100", "free_form_judge")
 VARIANT_SUFFIXES = ("_json", "_template")
+# libyaml when present (same nodes and marks, ~10x faster).
+_Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 KNOWN_KEYS = {"id", "type", "paraphrases", "system", "samples_per_paraphrase", "judge", "judge_prompts"}
 
 
@@ -69,7 +71,7 @@ class _Reader:
             raise self.error(1, "file", "not found (expected a YAML list of questions)") from None
         except (OSError, UnicodeDecodeError) as e:
             raise self.error(1, "file", f"unreadable ({e.__class__.__name__}: {e})") from None
-        self.loader = yaml.SafeLoader(text)
+        self.loader = _Loader(text)
         try:
             self.root = self.loader.get_single_node()
         except yaml.MarkedYAMLError as e:

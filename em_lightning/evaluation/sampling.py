@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -41,6 +41,21 @@ class SamplingConfig:
     batch_size: int = 32  # rows (samples) per forward pass; does not change any answer
     use_model_generation_config: bool = True
     system_prompt: str | None = None  # for questions without their own system prompt
+
+    def __post_init__(self) -> None:
+        checks = {
+            "samples_per_paraphrase": self.samples_per_paraphrase is None or self.samples_per_paraphrase >= 1,
+            "temperature": self.temperature is None or self.temperature >= 0,
+            "top_p": self.top_p is None or 0 < self.top_p <= 1,
+            "top_k": self.top_k is None or self.top_k >= 0,
+            "min_p": self.min_p is None or 0 <= self.min_p <= 1,
+            "repetition_penalty": self.repetition_penalty is None or self.repetition_penalty > 0,
+            "max_new_tokens": self.max_new_tokens >= 1,
+            "batch_size": self.batch_size >= 1,
+        }
+        bad = [name for name, ok in checks.items() if not ok]
+        if bad:
+            raise ValueError(f"SamplingConfig: {bad[0]}: invalid value {getattr(self, bad[0])!r}")
 
     def resolve(self, model: torch.nn.Module, tokenizer=None) -> dict:
         """The EFFECTIVE settings for this model (record them next to the generations)."""
@@ -77,7 +92,8 @@ class SamplingConfig:
 
 
 def eos_token_ids(model: torch.nn.Module, tokenizer=None) -> list[int]:
-    """Stop tokens: the tokenizer's eos plus every eos of the model's generation_config (as transformers)."""
+    """Stop tokens: the tokenizer's eos plus every eos of the model's generation_config (transformers
+    stops at the latter; Qwen2.5-Instruct lists both <|im_end|> and <|endoftext|> there)."""
     ids: list[int] = []
     gc_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     for value in (getattr(tokenizer, "eos_token_id", None), gc_eos):
@@ -115,7 +131,6 @@ class Generation:
     finished: bool  # stopped at an eos (False: cut at max_new_tokens)
     question: str = ""  # the user message (what judge prompts call {question})
     system: str | None = None
-    extra: dict = field(default_factory=dict)
 
 
 def build_requests(questions: Sequence[Question], tokenizer, config: SamplingConfig) -> list[SampleRequest]:

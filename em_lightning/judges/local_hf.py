@@ -115,7 +115,7 @@ class LocalHFJudge:
         results: list[JudgeResult | None] = [None] * len(prompts)
         with self._eval_mode(), torch.inference_mode():
             for idx, batch in self._batches(prompts):
-                probs_rows = self._number_logprobs(batch).double().exp().cpu().tolist()
+                probs_rows = self._number_logprobs(batch).exp().cpu().tolist()
                 for i, row in zip(idx, probs_rows):
                     probs = dict(zip(NUMBERS, row))
                     results[i] = JudgeResult(score=aggregate_score(probs), probs=probs)
@@ -163,14 +163,12 @@ class LocalHFJudge:
     def _device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def _digit_mask(self, vocab: int, device: torch.device) -> torch.Tensor:
-        if self._digit_cache is None or self._digit_cache.numel() != vocab:
-            n = min(vocab, len(self.tokenizer))
-            tokens = self.tokenizer.convert_ids_to_tokens(list(range(n)))
-            mask = torch.zeros(vocab, dtype=torch.bool)  # ids past the tokenizer: not digits
-            mask[:n] = torch.tensor([bool(t) and t[0] in "0123456789" for t in tokens])
-            self._digit_cache = mask
-        return self._digit_cache.to(device)
+    def _digit_ids(self, vocab: int, device: torch.device) -> torch.Tensor:
+        """Ids of tokens whose raw string starts with an ASCII digit (continuations of a number)."""
+        if self._digit_cache is None:
+            tokens = self.tokenizer.convert_ids_to_tokens(list(range(len(self.tokenizer))))
+            self._digit_cache = torch.tensor([i for i, t in enumerate(tokens) if t and t[0] in "0123456789"])
+        return self._digit_cache[self._digit_cache < vocab].to(device)
 
     def _additive(self, allowed: torch.Tensor) -> torch.Tensor:
         dtype = self.model.dtype if self.model.dtype.is_floating_point else torch.float32
@@ -178,7 +176,7 @@ class LocalHFJudge:
         return mask.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]  # (B, 1, T, T)
 
     def _number_logprobs(self, batch: list[list[int]]) -> torch.Tensor:
-        """(B, 101) log P(n) as defined in the module docstring, one forward for the batch."""
+        """(B, 101) float64 log P(n) as defined in the module docstring, one forward for the batch."""
         trie, dev = self._trie, self._device
         b, width, n = len(batch), max(len(s) for s in batch), trie.size
         lens = torch.tensor([len(s) for s in batch], device=dev)
@@ -208,16 +206,21 @@ class LocalHFJudge:
         out = self.model(
             input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False, logits_to_keep=n + 1
         )
-        logits = out.logits.float()  # (B, n + 1, V): last prompt position, then the nodes
-        logp = logits.log_softmax(-1)
-        edge = logp[:, trie.parent_row.to(dev), trie.token.to(dev)]  # (B, n): log p(node token | parent)
-        path = edge.clone()
+        # Normalisers summed in float64: a float32 softmax over a 150k vocabulary is off by ~3e-4.
+        digits = self._digit_ids(out.logits.shape[-1], dev)
+        parent_row, token = trie.parent_row.to(dev), trie.token.to(dev)
+        edges, ends = [], []
+        for logits in out.logits:  # row by row to bound memory; rows: last prompt position, then the nodes
+            logits = logits.float()
+            top = logits.max(-1, keepdim=True).values
+            log_total = top.squeeze(-1).double() + (logits - top).exp().sum(-1, dtype=torch.float64).log()
+            edges.append(logits[parent_row, token].double() - log_total[parent_row])  # log p(token | parent)
+            p_digit = (logits[1:, digits].double() - log_total[1:, None]).exp().sum(-1)
+            ends.append(torch.log1p(-p_digit.clamp(max=1.0)))  # log p(the number ends here)
+        path, log_end = torch.stack(edges), torch.stack(ends)  # (B, n) each
         for d in range(2, int(trie.depth.max()) + 1):  # parents come first: add their path level by level
             nodes = (trie.depth == d).nonzero().squeeze(1)
             path[:, nodes.to(dev)] += path[:, trie.parent[nodes].to(dev)]
-        node_logits = logits[:, 1:]
-        digit = self._digit_mask(logits.shape[-1], dev)
-        log_end = node_logits.masked_fill(digit, float("-inf")).logsumexp(-1) - node_logits.logsumexp(-1)
         return (path + log_end)[:, trie.number_node.to(dev)]
 
     def _collect_eos_ids(self) -> set[int]:

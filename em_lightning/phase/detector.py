@@ -34,7 +34,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .rotation import local_cosine_at
 
 __all__ = ["TransitionEvent", "TransitionDetector", "detect_transitions"]
 
@@ -48,11 +47,13 @@ class TransitionEvent:
     index: int  # 0-based position of the turn point among the recorded points
 
 
-def _arm_snr(points: list[Tensor]) -> float:
-    """|points[-1] - points[0]| / sqrt(sum of squared consecutive steps); 0 for a motionless arm."""
-    steps = torch.stack([b - a for a, b in zip(points[:-1], points[1:])])
-    rss = float(steps.square().sum().sqrt())
-    return float((points[-1] - points[0]).norm()) / rss if rss > 0 else 0.0
+def _sq(x: Tensor) -> float:
+    return float(x @ x)
+
+
+def _ratio(displacement: float, sum_sq_steps: float) -> float:
+    """Arm snr: net displacement over the root-sum-square of its steps; 0 for a motionless arm."""
+    return displacement / math.sqrt(sum_sq_steps) if sum_sq_steps > 0 else 0.0
 
 
 class TransitionDetector:
@@ -89,8 +90,9 @@ class TransitionDetector:
         self.latest: tuple[int, float] | None = None  # (centre step, c) most recently computed, for logging
         self._window: list[Tensor] = []  # last <= 2k+1 vectors, CPU float64
         self._steps: list[int] = []
+        self._step_sq: list[float] = []  # squared lengths of the last <= 2k single steps
         self._count = 0  # points seen
-        self._history: list[dict[str, Any]] = []  # the last two centres: index, step, value, significant
+        self._history: list[dict[str, Any]] = []  # the last two centres: index, step, value, snr
         self._last_fire_index: int | None = None
 
     def update(self, step: int, vector: Tensor) -> TransitionEvent | None:
@@ -98,25 +100,28 @@ class TransitionDetector:
         step = operator.index(step)
         if self._steps and step <= self._steps[-1]:
             raise ValueError(f"steps must increase: got {step} after {self._steps[-1]}")
-        x = vector.detach().reshape(-1).to("cpu", torch.float64).clone()
-        if self._window and x.numel() != self._window[-1].numel():
-            raise ValueError(f"vector has {x.numel()} entries, earlier ones had {self._window[-1].numel()}")
-        self._window = (self._window + [x])[-(2 * self.k + 1) :]
-        self._steps = (self._steps + [step])[-(2 * self.k + 1) :]
+        x = vector.detach().reshape(-1).to("cpu", torch.float64, copy=True)
+        if self._window:
+            if x.numel() != self._window[-1].numel():
+                raise ValueError(f"vector has {x.numel()} entries, earlier ones had {self._window[-1].numel()}")
+            self._step_sq = (self._step_sq + [_sq(x - self._window[-1])])[-2 * self.k :]
+        size = 2 * self.k + 1
+        self._window = (self._window + [x])[-size:]
+        self._steps = (self._steps + [step])[-size:]
         self._count += 1
-        if len(self._window) < 2 * self.k + 1:
+        if len(self._window) < size:
             return None
 
         k, w = self.k, self._window
-        centre = {
-            "index": self._count - 1 - k,
-            "step": self._steps[k],
-            "value": local_cosine_at(w[0], w[k], w[-1]),
-            "significant": min(_arm_snr(w[: k + 1]), _arm_snr(w[k:])) >= self.min_snr,
-        }
+        back, fwd = w[0] - w[k], w[-1] - w[k]
+        nb, nf = math.sqrt(_sq(back)), math.sqrt(_sq(fwd))
+        # Plain float math: a handful of tensor ops per update keeps a 1000-point run in milliseconds.
+        value = max(-1.0, min(1.0, float(back @ fwd) / nb / nf)) if nb > 0 and nf > 0 else 0.0
+        snr = min(_ratio(nb, sum(self._step_sq[:k])), _ratio(nf, sum(self._step_sq[k:])))
+        centre = {"index": self._count - 1 - k, "step": self._steps[k], "value": value, "snr": snr}
         event = self._decide(centre, step)
         self._history = (self._history + [centre])[-2:]
-        self.latest = (centre["step"], centre["value"])
+        self.latest = (centre["step"], value)
         return event
 
     def _decide(self, after: dict[str, Any], step: int) -> TransitionEvent | None:
@@ -127,7 +132,7 @@ class TransitionDetector:
         before = self._history[-2]["value"] if len(self._history) == 2 else -math.inf
         value, index = cand["value"], cand["index"]
         # Comparisons with NaN (a diverged, non-finite vector) are False, so NaN never fires.
-        if not (cand["significant"] and value > self.threshold and value >= before and value >= after["value"]):
+        if not (cand["snr"] >= self.min_snr and value > self.threshold and value >= before and value >= after["value"]):
             return None
         if index < self.warmup:
             return None
@@ -157,6 +162,7 @@ class TransitionDetector:
             raise ValueError(f"state was saved with k={state['k']} but this detector has k={self.k}")
         self._window = [row.to("cpu", torch.float64).clone() for row in state["window"]]
         self._steps = [int(s) for s in state["steps"]]
+        self._step_sq = [_sq(b - a) for a, b in zip(self._window[:-1], self._window[1:])]
         self._count = int(state["count"])
         self._history = [dict(h) for h in state["history"]]
         self._last_fire_index = state["last_fire_index"]

@@ -21,7 +21,6 @@ from torch import Tensor
 
 __all__ = [
     "local_cosine_similarity",
-    "local_cosine_at",
     "consecutive_cosine",
     "cosine_to_lag",
     "rotation_degrees",
@@ -89,17 +88,6 @@ def local_cosine_similarity(vectors: Tensor, k: int) -> Tensor:
         centre = x[k : n - k]
         result[k : n - k] = _cosine(x[: n - 2 * k] - centre, x[2 * k :] - centre)
     return result.to(device, out_dtype)
-
-
-def local_cosine_at(before: Tensor, centre: Tensor, after: Tensor) -> float:
-    """One entry of ``local_cosine_similarity``: cos(before - centre, after - centre), 0 for a zero arm.
-
-    For online use, where only the three vectors v[i-k], v[i], v[i+k] are at hand.
-    """
-    b, c, a = (t.detach().reshape(1, -1).to("cpu", _F64) for t in (before, centre, after))
-    if not (b.shape == c.shape == a.shape):
-        raise ValueError(f"vectors must have equal sizes, got {b.shape[1]}, {c.shape[1]}, {a.shape[1]}")
-    return float(_cosine(b - c, a - c)[0])
 
 
 def consecutive_cosine(vectors: Tensor) -> Tensor:
