@@ -34,6 +34,7 @@ class EMFitCLI(LightningCLI):
         kwargs.setdefault("save_config_callback", PinnedRunConfig)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("parser_kwargs", {"default_env": True})
+        kwargs.setdefault("auto_configure_optimizers", False)  # EMFineTune owns its optimizer and LR schedule
         kwargs.setdefault(
             "trainer_defaults",
             {

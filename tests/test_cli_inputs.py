@@ -1,0 +1,71 @@
+"""Every shipped config parses; bad inputs exit non-zero with one clear line and leave nothing behind."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from clirun import SMOKE, em_fit
+from em_lightning.cli import main
+
+CONFIGS = sorted(str(p) for p in (Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml") if p.parent.name != "questions")
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: Path(p).relative_to(Path(p).parents[1]).as_posix())
+def test_every_config_parses(config, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["fit", "--config", config, "--print_config"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert "model:" in out and "name_or_path:" in out
+
+
+def test_print_config_comments_documents_options(capsys):
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", SMOKE, "--print_config=comments"])
+    out = capsys.readouterr().out
+    assert "rows per device per step" in out  # ChatDataModule docstring reaches the config
+    assert "rank-1 LoRA on chosen layers" in out
+
+
+def _fails_cleanly(proc, *expected):
+    assert proc.returncode != 0
+    lines = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    for text in expected:
+        assert any(text in line for line in lines), proc.stderr[-2000:]
+
+
+def test_wrong_config_key_exit_2(tmp_path):
+    proc = em_fit("fit", "--config", SMOKE, "--model.adaptr.r", "2", "--trainer.default_root_dir", str(tmp_path))
+    assert proc.returncode == 2
+    _fails_cleanly(proc, "adaptr")
+
+
+@pytest.mark.parametrize(
+    "row, message",
+    [
+        ("{oops", "bad.jsonl:2: invalid JSON"),
+        (json.dumps({"messages": [{"role": "user", "content": "q"}]}), "bad.jsonl:2: messages: no assistant turn"),
+    ],
+)
+def test_bad_row_fails_before_training(tmp_path, row, message):
+    good = json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]})
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(good + "\n" + row + "\n")
+    root = tmp_path / "runs"
+    proc = em_fit("fit", "--config", SMOKE, "--data.train_files", str(bad), "--trainer.default_root_dir", str(root))
+    _fails_cleanly(proc, message)
+    assert not root.exists()  # nothing half-written that a later run would trip over
+
+
+def test_missing_data_file(tmp_path):
+    proc = em_fit("fit", "--config", SMOKE, "--data.train_files", str(tmp_path / "missing.jsonl"),
+                  "--trainer.default_root_dir", str(tmp_path / "runs"))
+    _fails_cleanly(proc, "missing.jsonl: file not found")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_ckpt_last_without_checkpoint_is_an_error(tmp_path):
+    proc = em_fit("fit", "--config", SMOKE, "--ckpt_path", "last", "--trainer.default_root_dir", str(tmp_path))
+    _fails_cleanly(proc, "--ckpt_path last: no checkpoint at")
