@@ -3,20 +3,18 @@
 from __future__ import annotations
 
 import functools
-import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
 from em_lightning.masking import IGNORE_INDEX, tokenize_chat
 from em_lightning.models import ModelSpec, load_tokenizer
 from em_lightning.resumable import ResumableDataLoader, ShardedEpochSampler
 from em_lightning.rows import read_rows
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -28,7 +26,6 @@ class DataStats:
     dropped: int = 0
     train_tokens: int = 0
     label_tokens: int = 0
-    notes: list[str] = field(default_factory=list)
 
 
 def collate(batch: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
@@ -138,9 +135,9 @@ class ChatDataModule(pl.LightningDataModule):
         s.train, s.val = len(self.train_set), len(self.val_set)
         s.train_tokens = sum(len(e["input_ids"]) for e in self.train_set)
         s.label_tokens = sum(sum(x != IGNORE_INDEX for x in e["labels"]) for e in self.train_set)
-        log.info(
-            "data: %d rows -> %d train / %d val; %d truncated, %d dropped (max_length=%d, %s)",
-            s.rows, s.train, s.val, s.truncated, s.dropped, self.max_length, self.overlength,
+        rank_zero_info(
+            f"data: {s.rows} rows -> {s.train} train / {s.val} val; {s.truncated} truncated, {s.dropped} dropped "
+            f"(max_length={self.max_length}, overlength={self.overlength}); {s.label_tokens} labelled tokens"
         )
 
     def _rank_world(self) -> tuple[int, int]:
