@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 from pathlib import Path
@@ -98,12 +99,19 @@ def _fail(message: str) -> None:
     sys.exit(1)
 
 
+# Subcommands that are not LightningCLI's: name -> "module:function(argv)"; imported only when used.
+EXTRA_SUBCOMMANDS = {
+    "report": "em_lightning.report:main",
+    "eval": "em_lightning.evaluation.posthoc:main",
+}
+
+
 def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
-    extra = {}  # filled by later subcommands (report, eval)
     try:
-        if args and args[0] in extra:
-            extra[args[0]](args[1:])
+        if args and args[0] in EXTRA_SUBCOMMANDS:
+            module, function = EXTRA_SUBCOMMANDS[args[0]].split(":")
+            getattr(importlib.import_module(module), function)(args[1:])
             return
         EMFitCLI(args=argv)  # None: LightningCLI reads sys.argv itself
     except (ValueError, FileNotFoundError) as e:

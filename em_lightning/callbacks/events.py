@@ -1,0 +1,30 @@
+"""What callbacks share: the run directory, and events one callback announces to the others.
+
+Events are plain method calls on every callback that defines the hook, made on every rank in the same
+order (the announcing callback computes the event identically on all ranks), so a subscriber may run
+collectives in its handler. Hooks:
+
+- ``on_phase_transition(trainer, pl_module, event)``: the adapter trajectory turned sharply
+  (``event`` is a ``em_lightning.phase.TransitionEvent``).
+- ``on_generations(trainer, pl_module, step, generations, settings)``: answers were sampled at an
+  evaluation point (the full list, on every rank) with the effective sampling settings.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning.pytorch as pl
+
+
+def resolve_run_dir(trainer: pl.Trainer) -> Path:
+    """The run directory (the logger's log_dir). Collective (a broadcast from rank 0): call it on every
+    rank, e.g. in ``setup``, and keep the result."""
+    return Path(trainer.log_dir)
+
+
+def announce(trainer: pl.Trainer, hook: str, *args) -> None:
+    for callback in trainer.callbacks:
+        handler = getattr(callback, hook, None)
+        if callable(handler):
+            handler(trainer, *args)
