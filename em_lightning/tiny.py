@@ -139,11 +139,14 @@ class TinySpec:
     num_kv_heads: int = 2
     vocab_size: int = 512
     seed: int = 0
+    # Embedding rows; None = the tokenizer's size. Real models pad it (Qwen2.5: 151,936 rows for 151,665
+    # tokens); a large value makes the output projection cost what it costs in a real model.
+    model_vocab_size: int | None = None
 
 
 def _config(arch: str, spec: TinySpec, tok: PreTrainedTokenizerFast):
     common = dict(
-        vocab_size=len(tok),
+        vocab_size=max(len(tok), spec.model_vocab_size or 0),
         hidden_size=spec.hidden_size,
         intermediate_size=spec.intermediate_size,
         num_hidden_layers=spec.num_layers,

@@ -5,6 +5,7 @@ prompt + tokens(n); P(n) = product of the probabilities of its tokens, times the
 next token does not start with a digit (the judge's documented end condition).
 """
 
+import functools
 import math
 
 import pytest
@@ -61,8 +62,10 @@ def word_tokenizer():
     return tok
 
 
+@functools.cache
 def digit_token_ids(tok):
-    return [i for i, t in enumerate(tok.convert_ids_to_tokens(list(range(len(tok))))) if t[:1] in set("0123456789")]
+    tokens = tok.convert_ids_to_tokens(list(range(len(tok))))
+    return [i for i, t in enumerate(tokens) if t[:1] in set("0123456789")]
 
 
 def boost(model, digit_ids, end_id, c=1.0, seed=0):
@@ -116,7 +119,8 @@ def brute_force(model, ids, tok):
     for k in sorted({len(v) for v in numbers.values()}):
         group = [n for n in range(101) if len(numbers[n]) == k]
         batch = torch.tensor([ids + numbers[n] for n in group])
-        logp = model(batch).logits[:, -(k + 1):].double().log_softmax(-1)  # last prompt position onward
+        # logits of the last prompt position onward only (a 150k vocabulary makes the rest costly)
+        logp = model(batch, logits_to_keep=k + 1).logits.double().log_softmax(-1)
         for row, n in enumerate(group):
             token_logp = sum(logp[row, j, t].item() for j, t in enumerate(numbers[n]))
             p_end = 1.0 - logp[row, k, digits].exp().sum().item()
@@ -230,3 +234,16 @@ def test_classify_is_greedy_answer(word_tokenizer):
         best = int(first.argmax())
         assert max(result.probs, key=result.probs.get) == tok.decode([best]).strip()
         assert result.probs[tok.decode([best]).strip()] == pytest.approx(first[best].item(), rel=1e-4)
+
+
+def test_from_pretrained_folder(tmp_path, word_tokenizer):
+    tok = word_tokenizer
+    model = word_model(tok, boosted=False)
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    loaded = LocalHFJudge.from_pretrained(str(tmp_path), dtype=torch.float32, device="cpu")
+    assert loaded.name == f"local_hf:{tmp_path}" and not loaded.model.training
+    want = LocalHFJudge(model, tok).score_prompts(PROMPTS[:2])
+    got = loaded.score_prompts(PROMPTS[:2])
+    for a, b in zip(got, want):
+        assert a.probs == pytest.approx(b.probs, rel=1e-5, abs=1e-15)

@@ -123,7 +123,9 @@ def completion(dist, content="85"):
             {
                 "index": 0,
                 "message": {"role": "assistant", "content": content},
-                "logprobs": {"content": [{"token": top[0]["token"], "logprob": top[0]["logprob"], "top_logprobs": top}]},
+                "logprobs": {
+                    "content": [{"token": top[0]["token"], "logprob": top[0]["logprob"], "top_logprobs": top}]
+                },
                 "finish_reason": "length",
             }
         ],
@@ -298,3 +300,24 @@ def test_classify_label_and_distribution(server, key):
     assert result.label == "85" and result.error is None
     assert result.probs["85"] == pytest.approx(0.7)
     assert server.bodies[0]["max_tokens"] == judge.classify_max_tokens
+
+
+def test_unexpected_errors_become_results():
+    judge = OpenAICompatibleJudge("m", base_url="http://127.0.0.1:99999/v1", api_key_env=None, max_retries=1)
+    [result] = judge.score_prompts(["case=good"])  # invalid port: not even a connection attempt
+    assert result.score is None and result.error
+    stats = judge.last_stats.as_dict()
+    assert stats["failures"] == 1 and stats["prompts"] == 1
+    assert all(isinstance(v, int) for v in stats.values())
+
+
+def test_retry_after_header_forms():
+    from datetime import datetime, timedelta, timezone
+    from email.utils import format_datetime
+
+    from em_lightning.judges.openai_compat import _parse_retry_after
+
+    assert _parse_retry_after("2") == 2.0 and _parse_retry_after("0.5") == 0.5
+    assert _parse_retry_after(None) is None and _parse_retry_after("soon") is None
+    when = format_datetime(datetime.now(timezone.utc) + timedelta(seconds=30), usegmt=True)
+    assert 25 < _parse_retry_after(when) <= 30

@@ -52,7 +52,7 @@ def aggregate_score(probs: Mapping[str, float]) -> float | None:
     mass = 0.0
     weighted = 0.0
     for key, prob in probs.items():
-        value = parse_score_key(key)
+        value = parse_score_key(key if isinstance(key, str) else str(key))
         p = float(prob)
         if value is None or not math.isfinite(p) or p <= 0.0:
             continue

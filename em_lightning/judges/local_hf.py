@@ -17,6 +17,7 @@ tokenizers). Each batch is ONE forward: every row is the left-padded prompt foll
 nodes, with a 4D attention mask that lets a node see the prompt and its own ancestors only, and
 position ids that place a node at prompt_length + depth - 1. Logits are kept only for the last prompt
 position and the nodes. Needs eager or sdpa attention (flash attention ignores custom masks).
+Models that alternate sliding-window layers (config.layer_types, e.g. Gemma 3) get a second mask.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from .base import JudgeResult, aggregate_score
 __all__ = ["LocalHFJudge"]
 
 NUMBERS = [str(n) for n in range(101)]
+_DIGITS = frozenset("0123456789")
 
 
 class _NumberTrie:
@@ -166,8 +168,9 @@ class LocalHFJudge:
     def _digit_ids(self, vocab: int, device: torch.device) -> torch.Tensor:
         """Ids of tokens whose raw string starts with an ASCII digit (continuations of a number)."""
         if self._digit_cache is None:
-            tokens = self.tokenizer.convert_ids_to_tokens(list(range(len(self.tokenizer))))
-            self._digit_cache = torch.tensor([i for i, t in enumerate(tokens) if t and t[0] in "0123456789"])
+            vocab_map = self.tokenizer.get_vocab()  # raw token string -> id, added tokens included
+            ids = sorted(i for t, i in vocab_map.items() if t[:1] in _DIGITS)
+            self._digit_cache = torch.tensor(ids, dtype=torch.long)
         return self._digit_cache[self._digit_cache < vocab].to(device)
 
     def _additive(self, allowed: torch.Tensor) -> torch.Tensor:
@@ -195,7 +198,8 @@ class LocalHFJudge:
         eye = torch.eye(width, dtype=torch.bool, device=dev)
         top = (causal[None] & real[:, None]) | eye[None]  # a pad row sees itself: no fully masked row
         top = torch.cat([top, torch.zeros(b, width, n, dtype=torch.bool, device=dev)], dim=2)
-        bottom = torch.cat([real[:, None].expand(b, n, width), trie.ancestor_or_self.to(dev).expand(b, n, n)], dim=2)
+        tree = trie.ancestor_or_self.to(dev).expand(b, n, n)  # a node sees its ancestors and itself
+        bottom = torch.cat([real[:, None].expand(b, n, width), tree], dim=2)
         allowed = torch.cat([top, bottom], dim=1)  # (B, T, T)
         mask = self._additive(allowed)
         config = self.model.config
@@ -212,8 +216,8 @@ class LocalHFJudge:
         edges, ends = [], []
         for logits in out.logits:  # row by row to bound memory; rows: last prompt position, then the nodes
             logits = logits.float()
-            top = logits.max(-1, keepdim=True).values
-            log_total = top.squeeze(-1).double() + (logits - top).exp().sum(-1, dtype=torch.float64).log()
+            peak = logits.max(-1, keepdim=True).values
+            log_total = peak.squeeze(-1).double() + (logits - peak).exp().sum(-1, dtype=torch.float64).log()
             edges.append(logits[parent_row, token].double() - log_total[parent_row])  # log p(token | parent)
             p_digit = (logits[1:, digits].double() - log_total[1:, None]).exp().sum(-1)
             ends.append(torch.log1p(-p_digit.clamp(max=1.0)))  # log p(the number ends here)
@@ -240,7 +244,9 @@ class LocalHFJudge:
             ids[row, width - len(seq) :] = torch.tensor(seq, device=dev)
             attn[row, width - len(seq) :] = 1
         positions = (attn.cumsum(1) - 1).clamp(min=0)
-        out = self.model(input_ids=ids, attention_mask=attn, position_ids=positions, use_cache=True, logits_to_keep=1)
+        out = self.model(
+            input_ids=ids, attention_mask=attn, position_ids=positions, use_cache=True, logits_to_keep=1
+        )
         first = out.logits[:, -1].float().softmax(-1)
         eos = torch.tensor(sorted(self._eos_ids), device=dev, dtype=torch.long)
         done = torch.zeros(b, dtype=torch.bool, device=dev)
@@ -254,9 +260,10 @@ class LocalHFJudge:
                 break
             attn = torch.cat([attn, torch.ones((b, 1), dtype=attn.dtype, device=dev)], dim=1)
             positions = positions[:, -1:] + 1
+            # transformers renamed past_key_values to cache (5.2x); pass it back under the name it came in.
+            kv = {"cache": out["cache"]} if "cache" in out else {"past_key_values": out["past_key_values"]}
             out = self.model(
-                input_ids=nxt[:, None], attention_mask=attn, position_ids=positions,
-                past_key_values=out.past_key_values, use_cache=True,
+                input_ids=nxt[:, None], attention_mask=attn, position_ids=positions, use_cache=True, **kv
             )
         tokens = torch.stack(generated, 1).tolist() if generated else [[] for _ in range(b)]
         labels = []

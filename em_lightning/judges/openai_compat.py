@@ -60,8 +60,10 @@ class JudgeStats:
                 setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
 
     def as_dict(self) -> dict[str, Any]:
-        out = dataclasses.asdict(self)
-        out["errors"] = dict(self.errors)
+        """Plain numbers, e.g. for logging: errors become {"errors/429": n, ...}."""
+        names = [f.name for f in dataclasses.fields(self) if f.name != "errors"]
+        out: dict[str, Any] = {name: getattr(self, name) for name in names}
+        out.update({f"errors/{cause}": n for cause, n in sorted(self.errors.items())})
         return out
 
 
@@ -252,7 +254,18 @@ class OpenAICompatibleJudge:
             headers=self._headers(key), timeout=httpx.Timeout(self.timeout_s), limits=limits
         ) as client:
             tasks = [self._one(client, semaphore, budget, p, classify, key, stats) for p in prompts]
-            return list(await asyncio.gather(*tasks))
+            outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+        results = []
+        for outcome in outcomes:  # safety net: whatever went wrong stays a result, never a raise
+            if isinstance(outcome, BaseException) and not isinstance(outcome, Exception):
+                raise outcome  # cancellation / interrupt: let it through
+            if isinstance(outcome, Exception):
+                stats.failures += 1
+                stats.errors["unexpected"] += 1
+                text = f"unexpected error: {type(outcome).__name__}: {outcome}"
+                outcome = JudgeResult(error=self._redact(text, key))
+            results.append(outcome)
+        return results
 
     def _backoff(self, attempt: int, retry_after: float | None) -> float:
         if retry_after is not None:  # the server said how long to wait
