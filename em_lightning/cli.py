@@ -23,6 +23,8 @@ class PinnedRunConfig(SaveConfigCallback):
     ``--config <run_dir>/config.yaml`` (resume, extend) points at the same run directory."""
 
     def setup(self, trainer, pl_module, stage: str) -> None:
+        if stage != "fit":  # `em-fit validate` on a run must not replace the run's training config
+            return
         logger_cfg = self.config.get("trainer", {}).get("logger")
         if trainer.logger is not None and logger_cfg is not None and "init_args" in logger_cfg:
             logger_cfg.init_args.version = trainer.logger.version
