@@ -8,6 +8,7 @@ plain loss, ~730 tok/s with TRL's default loss; measured on this machine kind, n
 """
 
 import argparse
+import tempfile
 import time
 from pathlib import Path
 
@@ -49,7 +50,9 @@ def main() -> None:
     model = EMFineTune(base=base, adapter=AdapterSpec(r=1, layers=[2], alpha=64), lr=1e-4)
     data = ChatDataModule(train_files=str(DATA), base=base, batch_size=4, val_fraction=0.0)
     timer = StepTimer(args.warmup)
+    out = tempfile.mkdtemp(prefix="bench_train_")  # the final adapter export lands here, not in the repo
     trainer = pl.Trainer(accelerator="cpu", max_steps=args.steps, accumulate_grad_batches=4, logger=False,
+                         default_root_dir=out,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          callbacks=[timer], use_distributed_sampler=False)
     trainer.fit(model, data)
