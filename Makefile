@@ -16,14 +16,21 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
 	touch $@
 
+# The smoke run plus the live stack: adapter trajectory + phase metrics, and in-loop sampling judged by an
+# offline demo judge (plumbing only: its scores mean nothing). Then: tensorboard --logdir runs/
 demo: setup
-	$(OFFLINE) $(VENV)/bin/em-fit fit --config configs/smoke.yaml
+	$(OFFLINE) $(VENV)/bin/em-fit fit --config configs/smoke.yaml \
+		--config callbacks/phase_transition.yaml --config callbacks/demo_eval.yaml
 
+# One torch thread per process: the suite runs several processes at once on 2 cores.
 test: setup
-	$(OFFLINE) $(PY) -m pytest -q
+	$(OFFLINE) OMP_NUM_THREADS=1 $(PY) -m pytest -q
 
 bench: setup
 	$(OFFLINE) $(PY) scripts/bench_train.py
+	$(OFFLINE) $(PY) scripts/bench_trajectory.py
+	$(OFFLINE) $(PY) scripts/bench_eval_point.py
+	$(OFFLINE) $(PY) scripts/bench_judge.py
 
 clean:
 	rm -rf runs .pytest_cache

@@ -26,6 +26,7 @@ def _fail(message: str) -> None:
 EXTRA_SUBCOMMANDS = {
     "report": "em_lightning.report:main",
     "eval": "em_lightning.evaluation.posthoc:main",
+    "export-step": "em_lightning.phase.reconstruct:main",
 }
 
 
@@ -42,6 +43,9 @@ def main(argv: list[str] | None = None) -> None:
     except (ValueError, FileNotFoundError) as e:
         if os.environ.get("EM_DEBUG"):
             raise
+        # jsonargparse wraps errors raised while building a class (e.g. a callback's bad questions file)
+        while isinstance(e.__cause__, (ValueError, FileNotFoundError)):
+            e = e.__cause__
         _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
 
 

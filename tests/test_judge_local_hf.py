@@ -247,3 +247,20 @@ def test_from_pretrained_folder(tmp_path, word_tokenizer):
     got = loaded.score_prompts(PROMPTS[:2])
     for a, b in zip(got, want):
         assert a.probs == pytest.approx(b.probs, rel=1e-5, abs=1e-15)
+
+
+def test_pretrained_local_judge_from_folder(tmp_path):
+    """The YAML-friendly wrapper loads a saved model folder and judges like LocalHFJudge on it."""
+    from em_lightning.judges import LocalHFJudge, PretrainedLocalJudge
+    from em_lightning.tiny import TinySpec, tiny_model, tiny_tokenizer
+
+    tok, model = tiny_tokenizer("qwen2"), tiny_model("qwen2", TinySpec(hidden_size=32, intermediate_size=64, num_layers=2))
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    judge = PretrainedLocalJudge(str(tmp_path), dtype="float32", device="cpu")
+    reference = LocalHFJudge(model.eval(), tok)
+    prompts = ["Rate this answer from 0 to 100: fine."]
+    got, expected = judge.score_prompts(prompts)[0], reference.score_prompts(prompts)[0]
+    assert judge.name == f"local_hf:{tmp_path}"
+    assert got.probs.keys() == expected.probs.keys()
+    assert all(abs(got.probs[k] - expected.probs[k]) < 1e-6 for k in got.probs)

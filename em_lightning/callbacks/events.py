@@ -5,9 +5,10 @@ order (the announcing callback computes the event identically on all ranks), so 
 collectives in its handler. Hooks:
 
 - ``on_phase_transition(trainer, pl_module, event)``: the adapter trajectory turned sharply
-  (``event`` is a ``em_lightning.phase.TransitionEvent``).
-- ``on_generations(trainer, pl_module, step, generations, settings)``: answers were sampled at an
-  evaluation point (the full list, on every rank) with the effective sampling settings.
+  (``event`` is an ``AdapterTrajectory`` ``ModuleTransition``: a ``phase.TransitionEvent`` plus ``.module``).
+- ``on_generations(trainer, pl_module, step, records, settings)``: answers were sampled at an
+  evaluation point: ``records`` are the runner's record dicts for every adapter scale (the full list, on
+  every rank); ``settings`` the effective sampling settings plus the scales.
 """
 
 from __future__ import annotations

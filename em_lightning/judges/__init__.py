@@ -16,6 +16,7 @@ _LAZY = {
     "JudgeStats": ".openai_compat",
     "MissingAPIKeyError": ".openai_compat",
     "LocalHFJudge": ".local_hf",
+    "PretrainedLocalJudge": ".local_hf",
 }
 
 __all__ = [

@@ -279,3 +279,22 @@ class LocalHFJudge:
                 dist[key] = dist.get(key, 0.0) + p
             firsts.append(dist)
         return labels, firsts
+
+
+class PretrainedLocalJudge(LocalHFJudge):
+    """LocalHFJudge loaded from a hub id or folder, so it can be declared in YAML:
+    ``judge: {class_path: em_lightning.judges.PretrainedLocalJudge, init_args: {name_or_path: ...}}``."""
+
+    def __init__(
+        self,
+        name_or_path: str,
+        dtype: str = "auto",
+        device: str | None = None,
+        batch_size: int = 8,
+        use_chat_template: bool = True,
+    ) -> None:
+        loaded = LocalHFJudge.from_pretrained(
+            name_or_path, dtype=dtype, device=device, batch_size=batch_size, use_chat_template=use_chat_template
+        )
+        super().__init__(loaded.model, loaded.tokenizer, name=loaded.name, batch_size=batch_size,
+                         use_chat_template=use_chat_template)

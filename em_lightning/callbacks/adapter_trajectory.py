@@ -1,0 +1,275 @@
+"""AdapterTrajectory: record the LoRA adapter at every optimizer step, log its rotation, detect the turn.
+
+Thin adapter from Lightning hooks to ``phase/`` (metrics, detector) and ``phase/store.py`` (files).
+A trajectory point s is the adapter *after* s optimizer steps (point 0 = the initial adapter), i.e. the
+weights that computed ``train/loss`` at step s, so both share the TensorBoard x axis. k counts recorded points.
+
+TensorBoard tags, per module ``m`` (e.g. ``model.layers.24.mlp.down_proj``), logged by rank 0:
+  phase/m/A_norm, B_norm                 norms of the vectors at point s
+  phase/m/A_rotation_deg, B_rotation_deg angle to the previous point (B: NaN, so not logged, while B = 0)
+  phase/m/B_rotation_cum_deg             running sum of B_rotation_deg
+  phase/m/B_cos_lag{1,k}                 cos(b[s - k], b[s])
+  phase/m/B_local_cos_k{k}               local cosine similarity (contract) of point i, logged at step i
+                                         once point i + k exists (so k points late in wall time)
+  phase/m/A_grad_norm, B_grad_norm       at step g, before optimizer step g (as train/grad_norm)
+  phase/m/transition_step                the turn's step, at that step, when the detector fires
+  phase/transitions (text)               one line per detected turn
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections import deque
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+
+from em_lightning.adapters import ADAPTER_NAME, lora_layers
+from em_lightning.callbacks.dashboard import ScalarBuffer, log_scalars, log_text, phase_transition_layout, write_layout
+from em_lightning.callbacks.events import announce, resolve_run_dir
+from em_lightning.phase import TransitionDetector, TransitionEvent, lora_direction
+from em_lightning.phase.store import TrajectoryWriter
+
+_SHARDED = {"FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy"}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModuleTransition(TransitionEvent):
+    """A ``TransitionEvent`` plus the module whose B vector turned (what ``on_phase_transition`` receives)."""
+
+    module: str = ""
+
+
+# Per-step math on single float64 vectors in numpy: a torch op costs several times a numpy op at this size,
+# and these run every step. Conventions and formulas are those of phase/rotation.py (tested equal).
+def _cos(x: np.ndarray, y: np.ndarray) -> float:
+    """Cosine, 0 when either vector is zero."""
+    nx, ny = float(np.linalg.norm(x)), float(np.linalg.norm(y))
+    return max(-1.0, min(1.0, float(x @ y) / nx / ny)) if nx > 0 and ny > 0 else 0.0
+
+
+def _angle(x: np.ndarray, y: np.ndarray) -> float:
+    """Degrees between directions, NaN for a zero vector (atan2 form: accurate for tiny angles)."""
+    nx, ny = float(np.linalg.norm(x)), float(np.linalg.norm(y))
+    if nx == 0 or ny == 0:
+        return math.nan
+    ux, uy = x / nx, y / ny
+    return math.degrees(2 * math.atan2(float(np.linalg.norm(ux - uy)), float(np.linalg.norm(ux + uy))))
+
+
+class AdapterTrajectory(pl.Callback):
+    """Record every LoRA adapter every ``every_n_steps`` optimizer steps to ``<run_dir>/trajectory/`` and
+    log ``phase/<module>/...`` scalars; announce ``on_phase_transition`` when a module's B vector turns.
+
+    Args:
+        every_n_steps: optimizer steps between recorded points (rank-1 vectors are tiny: 1 is cheap).
+        k_values: scales (in recorded points) of the cosine-to-k-back and local cosine similarity metrics.
+        detector_k, detector_threshold, detector_min_snr: ``phase.TransitionDetector`` settings. One
+            detector per module watches the B vector (the output direction, as in the EM papers).
+        log_grad_norms: log the gradient norm of each module's A and B before every optimizer step.
+        fsync: fsync every record (survives an OS crash, not only a process crash; slower).
+
+    Rank > 1 adapters are recorded as their top singular direction (``kind: direction`` in meta.json).
+    Under DDP every rank holds the same adapter, so each computes metrics and runs the detectors locally
+    (no collective); rank 0 alone writes and logs; events are announced on every rank. FSDP/DeepSpeed
+    (sharded adapters) are not supported yet.
+    """
+
+    def __init__(self, every_n_steps: int = 1, k_values: list[int] | tuple[int, ...] = (5, 10, 15), detector_k: int = 8,
+                 detector_threshold: float = -0.7, detector_min_snr: float = 2.0, log_grad_norms: bool = True,
+                 fsync: bool = False):
+        if every_n_steps < 1 or not k_values or min(k_values) < 1:
+            raise ValueError(f"every_n_steps and k_values must be >= 1, got {every_n_steps} and {k_values}")
+        self.every_n_steps, self.k_values = int(every_n_steps), tuple(int(k) for k in k_values)
+        self.detector_args = dict(k=detector_k, threshold=detector_threshold, min_snr=detector_min_snr)
+        TransitionDetector(**self.detector_args)  # invalid settings fail at construction, not at step 1
+        self.log_grad_norms, self.fsync = log_grad_norms, fsync
+        self._dir = None
+        self._lora: list = []  # (name, LoRA layer), found once: walking the model each step is not free
+        self._writer: TrajectoryWriter | None = None
+        self._scalars = ScalarBuffer()  # written in bursts: see dashboard.py
+        self._restored = False
+        self._reset()
+
+    def _reset(self) -> None:
+        # O(1) memory: the last 2*max(k)+1 B vectors (local cosine needs v[i-k], v[i], v[i+k]) and last A.
+        self._window: deque[tuple[int, dict[str, np.ndarray]]] = deque(maxlen=2 * max(self.k_values) + 1)
+        self._last_a: dict[str, np.ndarray] = {}
+        self._cum_rotation: dict[str, float] = {}
+        self._detectors: dict[str, TransitionDetector] = {}
+        self._seen_step: int | None = None
+
+    @property
+    def state_key(self) -> str:
+        return "AdapterTrajectory"
+
+    # -- checkpoint state ------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            # float32 halves the checkpoint and is exact: the vectors come from float32 (or narrower) weights.
+            "window": [(s, {n: torch.from_numpy(v).float() for n, v in vs.items()}) for s, vs in self._window],
+            "last_a": {n: torch.from_numpy(v).float() for n, v in self._last_a.items()},
+            "cum_rotation": dict(self._cum_rotation),
+            "detectors": {n: d.state_dict() for n, d in self._detectors.items()},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self._reset()
+        self._window.extend((int(s), {n: v.double().numpy() for n, v in vs.items()}) for s, vs in state["window"])
+        self._last_a = {n: v.double().numpy() for n, v in state["last_a"].items()}
+        self._cum_rotation = dict(state["cum_rotation"])
+        for name, det_state in state["detectors"].items():
+            self._detectors[name] = TransitionDetector(**self.detector_args)
+            self._detectors[name].load_state_dict(det_state)
+        self._restored = True
+
+    @property
+    def last_step(self) -> int | None:
+        return self._window[-1][0] if self._window else None
+
+    # -- hooks -------------------------------------------------------------------------------------------
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        if type(trainer.strategy).__name__ in _SHARDED:
+            raise ValueError(f"AdapterTrajectory does not support {type(trainer.strategy).__name__} (sharded "
+                             "adapter weights) yet; use DDP or remove the callback")
+        self._dir = resolve_run_dir(trainer) / "trajectory"  # collective: every rank
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        step = self._seen_step = trainer.global_step  # restored from the checkpoint by now
+        self._lora = list(lora_layers(pl_module.model))
+        if not self._lora:
+            rank_zero_warn("AdapterTrajectory: the model has no LoRA adapter; nothing is recorded")
+            self._dir = None
+            return
+        if not self._restored:
+            self._reset()
+            self._seen_step = step
+        if trainer.is_global_zero:
+            self._writer = TrajectoryWriter(self._dir, self._meta(pl_module), fsync=self.fsync)
+            # Resume: records the killed run wrote after its checkpoint are dropped and re-recorded.
+            # Otherwise keep only records before this fit's first point (a fresh run: none).
+            self._writer.truncate_after(step if self._restored else step - 1)
+            write_layout(trainer, phase_transition_layout(self.k_values))
+        if (self.last_step is None or self.last_step < step) and step % self.every_n_steps == 0:
+            self._record(trainer, pl_module, step)
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
+        if not (self.log_grad_norms and self._dir and trainer.is_global_zero):
+            return  # gradients are all-reduced under DDP: rank 0's are everyone's
+        grads = [(f"phase/{name}/{kind}_grad_norm", p.grad) for name, m in self._lora
+                 for kind, p in (("A", m.lora_A[ADAPTER_NAME].weight), ("B", m.lora_B[ADAPTER_NAME].weight))
+                 if p.grad is not None]
+        if grads:  # one device->host copy of every (tiny) gradient, norms in numpy: few torch calls per step
+            flat = torch.cat([g.detach().reshape(-1) for _, g in grads]).float().cpu().numpy()
+            bounds = np.cumsum([0] + [g.numel() for _, g in grads])
+            norms = {tag: float(np.linalg.norm(flat[i:j])) for (tag, _), i, j in zip(grads, bounds[:-1], bounds[1:])}
+            self._scalars.add(trainer, norms, trainer.global_step)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if self._dir is None or step == self._seen_step:
+            return  # no adapter, or mid gradient accumulation: the optimizer has not stepped
+        self._seen_step = step
+        if step % self.every_n_steps == 0:
+            self._record(trainer, pl_module, step)
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        self._scalars.flush(trainer)  # a run resumed from this checkpoint re-logs only later steps
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._scalars.flush(trainer)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self.teardown(trainer, pl_module, "fit")  # every record is already on disk; log and release the files
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._scalars.flush(trainer)
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        self._restored = False
+
+    # -- recording ---------------------------------------------------------------------------------------
+    def _meta(self, pl_module: pl.LightningModule) -> dict:
+        config = pl_module.model.peft_config["default"]
+        base = getattr(pl_module, "base", None)
+        return {
+            "rank": config.r, "alpha": config.lora_alpha, "use_rslora": config.use_rslora,
+            "kind": "vectors" if config.r == 1 else "direction",
+            "target_modules": sorted(config.target_modules) if isinstance(config.target_modules, set)
+            else config.target_modules,
+            "layers": config.layers_to_transform,
+            "base": getattr(base, "name_or_path", None) or config.base_model_name_or_path,
+            "base_spec": dataclasses.asdict(base) if dataclasses.is_dataclass(base) else None,
+            "every_n_steps": self.every_n_steps, "detector": dict(self.detector_args),  # em-fit report reads it
+            "peft_config": json.loads(json.dumps({**config.to_dict(), "inference_mode": True}, default=sorted)),
+        }
+
+    def _vectors(self, pl_module: pl.LightningModule) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """{module: (a, b)} as float32 numpy vectors; rank > 1: (v, s * u) of the top singular direction."""
+        lora = self._lora or list(lora_layers(pl_module.model))
+        factors = [(n, m.lora_A[ADAPTER_NAME].weight, m.lora_B[ADAPTER_NAME].weight) for n, m in lora]
+        # One device->host copy for every module, then numpy views: torch calls cost most at this size.
+        flat = torch.cat([t.detach().reshape(-1) for _, a, b in factors for t in (a, b)]).float().cpu().numpy()
+        out, i = {}, 0
+        for name, a, b in factors:
+            A, B = flat[i : i + a.numel()], flat[i + a.numel() : i + a.numel() + b.numel()]
+            i += a.numel() + b.numel()
+            if a.shape[0] == 1:
+                out[name] = (A, B)  # A is 1 x d_in and B is d_out x 1: flat, they are a = A[0] and b = B[:, 0]
+            else:  # sign kept continuous with the previous point
+                prev = self._window[-1][1].get(name) if self._window else None
+                d = lora_direction(torch.from_numpy(A).view(a.shape), torch.from_numpy(B).view(b.shape),
+                                   reference=None if prev is None else torch.from_numpy(prev))
+                out[name] = (d.v.numpy(), (d.s * d.u).numpy())
+        return out
+
+    def _record(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
+        self._process(trainer, pl_module, step, self._vectors(pl_module))
+
+    def _process(self, trainer, pl_module, step: int, vectors: dict[str, tuple]) -> None:
+        """Write, compute metrics, run the detectors and announce events for one recorded point.
+        ``vectors``: {module: (a, b)} 1-D numpy arrays or CPU tensors."""
+        if self._writer is not None:
+            self._writer.append(step, vectors)
+        now, lagged, events = {}, {}, []
+        previous = list(self._window)
+        self._window.append((step, {n: np.asarray(b, dtype=np.float64) for n, (_, b) in vectors.items()}))
+        window = list(self._window)
+        for name, (a, _) in vectors.items():
+            p, b, a = f"phase/{name}/", window[-1][1][name], np.asarray(a, dtype=np.float64)
+            now[p + "A_norm"], now[p + "B_norm"] = float(np.linalg.norm(a)), float(np.linalg.norm(b))
+            if previous and name in previous[-1][1]:
+                rot = _angle(previous[-1][1][name], b)
+                self._cum_rotation[name] = self._cum_rotation.get(name, 0.0) + (0.0 if math.isnan(rot) else rot)
+                now[p + "B_rotation_deg"], now[p + "A_rotation_deg"] = rot, _angle(self._last_a[name], a)
+            now[p + "B_rotation_cum_deg"] = self._cum_rotation.setdefault(name, 0.0)
+            for k in sorted({1, *self.k_values}):
+                if len(previous) >= k:
+                    now[p + f"B_cos_lag{k}"] = _cos(previous[-k][1][name], b)
+            for k in self.k_values:  # local cosine of the point k back, now that v[i+k] exists (contract)
+                if len(window) >= 2 * k + 1:
+                    (_, before), (centre_step, centre), _ = window[-1 - 2 * k], window[-1 - k], window[-1]
+                    c = centre[name]
+                    lagged.setdefault(centre_step, {})[p + f"B_local_cos_k{k}"] = _cos(before[name] - c, b - c)
+            self._last_a[name] = a
+            detector = self._detectors.setdefault(name, TransitionDetector(**self.detector_args))
+            event = detector.update(step, torch.from_numpy(b))
+            if event is not None:
+                events.append(ModuleTransition(**dataclasses.asdict(event), module=name))
+        self._scalars.add(trainer, {k: v for k, v in now.items() if not math.isnan(v)}, step)
+        for at in sorted(lagged):  # per tag, steps still arrive in increasing order
+            self._scalars.add(trainer, lagged[at], at)
+        if events:
+            self._scalars.flush(trainer)
+        for event in events:
+            log_scalars(trainer, {f"phase/{event.module}/transition_step": float(event.step)}, event.step)
+            log_text(trainer, "phase/transitions", event.step, f"{event.module}: turn at step {event.step} (local "
+                     f"cosine {event.local_cosine:.3f} at k={event.k}), detected at step {event.detected_step}")
+            announce(trainer, "on_phase_transition", pl_module, event)

@@ -1,0 +1,194 @@
+"""``em-fit eval``: evaluate a saved adapter, a checkpoint, or a step rebuilt from a run's trajectory,
+optionally at several adapter scales, through the same runner as the in-loop callbacks.
+
+    em-fit eval --run runs/em/version_0 --questions Q.yaml                       # the run's final adapter
+    em-fit eval --run runs/em/version_0 --step 120 --questions Q.yaml --scales 0.5 1 2 4
+    em-fit eval --ckpt runs/em/version_0/checkpoints/step_0000100.ckpt --questions Q.yaml
+    em-fit eval --base Qwen/Qwen2.5-14B-Instruct --adapter DIR --questions Q.yaml \
+        --judge-config callbacks/in_loop_judge.yaml
+
+Writes ``<out>/step_XXXXXXX.jsonl`` (the record format of ``evaluation.runner``), its ``.meta.json``
+sidecar and ``<out>/summary.json`` (metrics per scale). A checkpoint evaluated with the in-loop sampling
+settings reproduces the in-loop answers of its step (sampling seeds depend on the step, not on the run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from em_lightning.evaluation.questions import load_questions
+from em_lightning.evaluation.runner import evaluate, json_safe, point_meta, write_point
+from em_lightning.evaluation.sampling import SamplingConfig
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="em-fit eval", description=__doc__.split("\n\n")[0])
+    p.add_argument("--base", help="base model: tiny:qwen2 | hub id | folder (default: from --run / --ckpt)")
+    p.add_argument("--run", type=Path, help="run directory (its config.yaml gives the base model)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--adapter", type=Path, help="PEFT adapter folder (or a fully fine-tuned model folder)")
+    src.add_argument("--ckpt", type=Path, help="em-fit checkpoint (.ckpt)")
+    p.add_argument("--step", type=int, help="with --run alone: rebuild this step from the trajectory; "
+                   "otherwise the step recorded (it also seeds sampling). Default: the checkpoint's step or 0")
+    p.add_argument("--questions", nargs="+", required=True, help="question file(s) (public EM YAML format)")
+    p.add_argument("--select", nargs="+", help="question ids or globs")
+    p.add_argument("--plain-only", action="store_true", help="only plain questions (no _json/_template variants)")
+    p.add_argument("--scales", nargs="+", type=float, default=[1.0], help="adapter scales (e.g. 0.5 1 2 4)")
+    p.add_argument("--samples", type=int, help="samples per paraphrase (default: the question's, else 50)")
+    p.add_argument("--max-new-tokens", type=int, default=600)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--judge-config", type=Path, help="YAML: InLoopJudge init args ({judge: {class_path, "
+                   "init_args}, ...}) or a callbacks preset holding an InLoopJudge; none: answers only")
+    p.add_argument("--out", type=Path, help="output folder (default: <run>/posthoc, else eval_out)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return p
+
+
+def _spec_from_run(run: Path):
+    from em_lightning.models import ModelSpec
+    from em_lightning.tiny import TinySpec
+
+    config = run / "config.yaml"
+    if not config.is_file():
+        raise ValueError(f"--run {run}: no config.yaml there (is it a run directory?)")
+    base = dict((yaml.safe_load(config.read_text()).get("model") or {}).get("base") or {})
+    base["tiny"] = TinySpec(**(base.get("tiny") or {}))
+    return ModelSpec(**base)
+
+
+def _base_spec(args):
+    from em_lightning.models import ModelSpec
+
+    spec = _spec_from_run(args.run) if args.run else None
+    if args.base:
+        spec = ModelSpec(name_or_path=args.base, tiny=spec.tiny if spec else ModelSpec().tiny)
+    if spec is None:
+        raise ValueError("give the base model: --base NAME_OR_PATH or --run RUN_DIR")
+    return spec
+
+
+def load_model_for_eval(args, workdir: Path) -> tuple[Any, Any, int, str]:
+    """(model, tokenizer, step, description) for the source the arguments name."""
+    from peft import PeftModel
+
+    from em_lightning.models import load_model, load_tokenizer
+
+    if args.run is not None and not (args.run / "config.yaml").is_file():
+        raise ValueError(f"--run {args.run}: no config.yaml there (is it a run directory?)")
+    if args.ckpt:  # hyperparameters in the checkpoint name the base model and the adapter
+        from em_lightning.module import EMFineTune
+
+        if not args.ckpt.is_file():
+            raise ValueError(f"--ckpt {args.ckpt}: no such file")
+        state = torch.load(args.ckpt, map_location="cpu", weights_only=False)
+        with warnings.catch_warnings():  # "keys missing from the checkpoint": the frozen base, by design
+            warnings.simplefilter("ignore")
+            module = EMFineTune.load_from_checkpoint(args.ckpt, map_location="cpu")
+        module.configure_model()
+        module.load_state_dict(state["state_dict"], strict=False)
+        step = args.step if args.step is not None else int(state.get("global_step", 0))
+        return module.model, module.tokenizer, step, f"checkpoint {args.ckpt}"
+    adapter, step, what = args.adapter, args.step, None
+    if adapter is None:
+        if args.run is None:
+            raise ValueError("give what to evaluate: --adapter DIR, --ckpt PATH or --run RUN_DIR [--step S]")
+        if args.step is None:
+            adapter, step, what = args.run / "adapter", _last_step(args.run), f"final adapter of {args.run}"
+        else:
+            try:
+                from em_lightning.phase.reconstruct import export_step_adapter
+            except ImportError:
+                raise ValueError("--run with --step needs em_lightning.phase.reconstruct (missing)") from None
+            adapter = export_step_adapter(args.run, args.step, workdir / f"adapter_step_{args.step}")
+            what = f"step {args.step} of {args.run} (rebuilt from the trajectory)"
+    if not adapter.is_dir():
+        raise ValueError(f"adapter folder {adapter} not found")
+    if not (adapter / "adapter_config.json").is_file() and (adapter / "config.json").is_file():
+        from em_lightning.models import ModelSpec
+
+        spec = ModelSpec(name_or_path=str(adapter))  # a fully fine-tuned model, saved whole
+        tokenizer = load_tokenizer(spec)
+        return load_model(spec, tokenizer), tokenizer, step or 0, what or f"model {adapter}"
+    spec = _base_spec(args)
+    tokenizer = load_tokenizer(spec)
+    model = PeftModel.from_pretrained(load_model(spec, tokenizer), adapter)
+    return model, tokenizer, step or 0, what or f"adapter {adapter} on {spec.name_or_path}"
+
+
+def _last_step(run: Path) -> int:
+    last = run / "checkpoints" / "last.ckpt"
+    if not last.is_file():
+        return 0
+    return int(torch.load(last, map_location="cpu", weights_only=False).get("global_step", 0))
+
+
+def load_judge_config(path: Path, default_cache: Path):
+    """(judges mapping or None, judge_prompts, cache path) from InLoopJudge init args or a callbacks preset."""
+    from jsonargparse import ArgumentParser
+
+    from em_lightning.callbacks.in_loop_judge import InLoopJudge
+
+    if not path.is_file():
+        raise ValueError(f"--judge-config {path}: no such file")
+    data = yaml.safe_load(path.read_text()) or {}
+    callbacks = (data.get("trainer") or {}) if isinstance(data, dict) else {}
+    for item in callbacks.get("callbacks+", []) + callbacks.get("callbacks", []):
+        if isinstance(item, dict) and str(item.get("class_path", "")).endswith("InLoopJudge"):
+            data = item.get("init_args") or {}
+            break
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(InLoopJudge, "judge_config")
+    try:
+        cfg = parser.parse_object({"judge_config": data})
+        judge = parser.instantiate_classes(cfg).judge_config
+    except Exception as exc:  # jsonargparse explains over several lines; keep the first
+        raise ValueError(f"--judge-config {path}: {str(exc).strip().splitlines()[0]}") from None
+    for j in [judge.judge, *judge.judges.values()]:
+        if callable(getattr(j, "check_api_key", None)):
+            try:
+                j.check_api_key()
+            except RuntimeError as exc:  # MissingAPIKeyError: a setup error, reported in one line
+                raise ValueError(f"--judge-config {path}: {exc}") from None
+    judges = {"*": judge.judge, **judge.judges}
+    if judge.cache:
+        from em_lightning.judges.cache import CachedJudge, JudgeCache
+
+        cache = JudgeCache(Path(judge.cache_path) if judge.cache_path else default_cache)
+        judges = {n: CachedJudge(j, cache) for n, j in judges.items()}
+    return judges, judge.judge_prompts
+
+
+def main(argv: list[str]) -> None:
+    args = _parser().parse_args(argv)
+    questions = load_questions(args.questions, args.select, args.plain_only)
+    sampling = SamplingConfig(
+        samples_per_paraphrase=args.samples, temperature=args.temperature, top_p=args.top_p,
+        max_new_tokens=args.max_new_tokens, seed=args.seed, batch_size=args.batch_size,
+    )
+    out = args.out or (args.run / "posthoc" if args.run else Path("eval_out"))
+    judges, names = (None, None)
+    if args.judge_config:
+        judges, names = load_judge_config(args.judge_config, out / "judge_cache.sqlite")
+    with tempfile.TemporaryDirectory() as tmp:
+        model, tokenizer, step, what = load_model_for_eval(args, Path(tmp))
+    model.to(args.device).eval()
+    point = evaluate(model, tokenizer, questions, sampling, judges, step, args.scales, names)
+    path = write_point(out, step, point.records, point_meta(point))
+    summary = {"source": what, "step": step, "generations": str(path), **point_meta(point)}
+    (out / "summary.json").write_text(json.dumps(json_safe(summary), indent=1))
+    print(f"{what}: {len(point.records)} answers -> {path}")
+    for scale, s in point.summaries.items():
+        print(f"  scale {scale:g}: em_rate {s['em_rate']:.3f}  coherent_rate {s['coherent_rate']:.3f}  "
+              f"aligned_mean {s['aligned_mean']:.1f}  judge_failures {s['judge_failures']}")
+
