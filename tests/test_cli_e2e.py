@@ -6,7 +6,6 @@ from peft import PeftModel
 from safetensors.torch import load_file
 
 from clirun import FAST, SMOKE, em_fit, ok, run_dirs, scalars
-from em_lightning.masking import IGNORE_INDEX  # noqa: F401  (import check of the package)
 from em_lightning.models import ModelSpec, load_model
 from em_lightning.module import EMFineTune
 
@@ -50,7 +49,6 @@ def test_exported_adapter_reproduces_trained_model(full_run):
     with torch.no_grad():
         expected = module.model.eval()(x).logits
         got = reloaded(x).logits
-        base_logits = reloaded.get_base_model()(x).logits if False else None
     assert torch.equal(expected, got)
     b = load_file(full_run / "adapter" / "adapter_model.safetensors")
     assert any(k.endswith("lora_B.weight") and v.abs().sum() > 0 for k, v in b.items())  # it trained

@@ -14,13 +14,6 @@ from em_lightning.models import ModelSpec, load_model, load_tokenizer
 QUESTIONS = "configs/questions/demo_questions.yaml"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def adapter_dir(tmp_path_factory):

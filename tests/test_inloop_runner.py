@@ -25,14 +25,6 @@ QUESTIONS = "configs/questions/demo_questions.yaml"
 SCALES = [0.0, 1.0, 4.0]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models: one thread is fastest, and avoids stalls when the CPU is shared.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 class HashJudge:
     """Deterministic 0-100 scores from a hash of the prompt; with fail_every=k, the k-th, 2k-th, ...
