@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
-from em_lightning.callbacks.checkpointing import StepCheckpoint
+from em_lightning.callbacks.checkpointing import StepCheckpoint, checkpoint_global_step
 from em_lightning.data import ChatDataModule
 from em_lightning.module import EMFineTune
 
@@ -89,5 +88,4 @@ class EMFitCLI(LightningCLI):
         logger = self.trainer.logger
         if logger is None or not hasattr(logger, "_kwargs"):
             return
-        state = torch.load(ckpt, map_location="cpu", weights_only=False)
-        logger._kwargs["purge_step"] = int(state["global_step"])
+        logger._kwargs["purge_step"] = checkpoint_global_step(ckpt)

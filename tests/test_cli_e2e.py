@@ -6,7 +6,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 
 from clirun import FAST, SMOKE, em_fit, ok, run_dirs, scalars
-from em_lightning.models import ModelSpec, load_model
+from em_lightning.models import load_model
 from em_lightning.module import EMFineTune
 
 STEPS = 8
@@ -40,10 +40,8 @@ def test_contract_tree(full_run):
 
 
 def test_exported_adapter_reproduces_trained_model(full_run):
-    module = EMFineTune.load_from_checkpoint(full_run / "checkpoints" / "last.ckpt")
-    module.configure_model()
-    module.load_state_dict(torch.load(full_run / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"], strict=False)
-    base = load_model(ModelSpec(**{**vars(module.base)}))
+    module = EMFineTune.load_from_checkpoint(full_run / "checkpoints" / "last.ckpt")  # builds, then loads LoRA
+    base = load_model(module.base)
     reloaded = PeftModel.from_pretrained(base, full_run / "adapter").eval()
     x = torch.randint(0, 400, (2, 11))
     with torch.no_grad():
@@ -71,14 +69,11 @@ def test_exact_resume_mid_epoch(full_run, tmp_path):
 def test_extend_finished_run_stretches_schedule(full_run, tmp_path):
     import shutil
 
-    run_dir = tmp_path / "run"
+    # Extend a copy (other tests read the original); its config must point the logger at the copy.
+    root = full_run.parent.parent
+    run_dir = tmp_path / full_run.relative_to(root)
     shutil.copytree(full_run, run_dir)
-    config = (run_dir / "config.yaml").read_text().replace(str(full_run.parent.parent), str(tmp_path / "root"))
-    # the copied run lives elsewhere: point its logger at the copy
-    (tmp_path / "root" / full_run.parent.name).mkdir(parents=True)
-    shutil.move(run_dir, tmp_path / "root" / full_run.parent.name / full_run.name)
-    run_dir = tmp_path / "root" / full_run.parent.name / full_run.name
-    (run_dir / "config.yaml").write_text(config)
+    (run_dir / "config.yaml").write_text((run_dir / "config.yaml").read_text().replace(str(root), str(tmp_path)))
     # schedule_steps=12 was explicit; unset it so the schedule stretches to the new length (the policy)
     ok(em_fit("fit", "--config", str(run_dir / "config.yaml"), "--ckpt_path", "last",
               "--trainer.max_steps", "14", "--model.schedule_steps", "null"))

@@ -51,3 +51,12 @@ class StepCheckpoint(ModelCheckpoint):
         # Any other way out of the loop (time limit, early stop): still leave the final step in last.ckpt.
         if self._last_global_step_saved != trainer.global_step:
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
+def checkpoint_global_step(path) -> int:
+    """The optimizer step a checkpoint was saved at, without reading its tensors (memory-mapped): cheap
+    even for a full fine-tuning checkpoint of many GB."""
+    import torch
+
+    state = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    return int(state.get("global_step", 0))

@@ -87,17 +87,16 @@ def load_model_for_eval(args, workdir: Path) -> tuple[Any, Any, int, str]:
     if args.run is not None and not (args.run / "config.yaml").is_file():
         raise ValueError(f"--run {args.run}: no config.yaml there (is it a run directory?)")
     if args.ckpt:  # hyperparameters in the checkpoint name the base model and the adapter
+        from em_lightning.callbacks.checkpointing import checkpoint_global_step
         from em_lightning.module import EMFineTune
 
         if not args.ckpt.is_file():
             raise ValueError(f"--ckpt {args.ckpt}: no such file")
-        state = torch.load(args.ckpt, map_location="cpu", weights_only=False)
         with warnings.catch_warnings():  # "keys missing from the checkpoint": the frozen base, by design
             warnings.simplefilter("ignore")
+            # builds the model (configure_model) before loading the trainable weights
             module = EMFineTune.load_from_checkpoint(args.ckpt, map_location="cpu")
-        module.configure_model()
-        module.load_state_dict(state["state_dict"], strict=False)
-        step = args.step if args.step is not None else int(state.get("global_step", 0))
+        step = args.step if args.step is not None else checkpoint_global_step(args.ckpt)
         return module.model, module.tokenizer, step, f"checkpoint {args.ckpt}"
     adapter, step, what = args.adapter, args.step, None
     if adapter is None:
@@ -127,10 +126,10 @@ def load_model_for_eval(args, workdir: Path) -> tuple[Any, Any, int, str]:
 
 
 def _last_step(run: Path) -> int:
+    from em_lightning.callbacks.checkpointing import checkpoint_global_step
+
     last = run / "checkpoints" / "last.ckpt"
-    if not last.is_file():
-        return 0
-    return int(torch.load(last, map_location="cpu", weights_only=False).get("global_step", 0))
+    return checkpoint_global_step(last) if last.is_file() else 0
 
 
 def load_judge_config(path: Path, default_cache: Path):
