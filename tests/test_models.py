@@ -41,7 +41,11 @@ def test_unknown_tiny_arch():
 
 
 def test_4bit_lora_gradients_unaffected_by_eval_forward(tmp_path):
-    """The bitsandbytes CPU repacking defect: an eval-mode forward must not change later LoRA gradients."""
+    """The bitsandbytes CPU repacking defect: an eval-mode forward must not change later LoRA gradients.
+
+    At this tiny size the defect did not reproduce here (gradients also match without the workaround), so
+    the assertion that can fail today is the one on the workaround flag; the gradient check guards the
+    behaviour on machines and sizes where the defect shows."""
     bnb = pytest.importorskip("bitsandbytes")
     tok, model = tiny_tokenizer("qwen2"), tiny_model("qwen2", TinySpec(hidden_size=64, intermediate_size=128, num_layers=2))
     model.save_pretrained(tmp_path)
