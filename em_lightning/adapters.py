@@ -6,6 +6,7 @@ Also: read each rank-1 adapter's A and B vectors by module, and scale adapters t
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Literal
@@ -13,6 +14,8 @@ from typing import Literal
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
+
+from em_lightning.loss import text_config
 
 ADAPTER_NAME = "default"
 
@@ -40,8 +43,10 @@ class AdapterSpec:
     target_modules: list[str] | Literal["all-linear"] = field(default_factory=lambda: ["down_proj"])
     layers: list[int] | None = None
 
-    def lora_config(self) -> LoraConfig:
+    def lora_config(self, exclude: list[str] | None = None) -> LoraConfig:
+        """``exclude``: module names (with everything under them) LoRA must not touch (vision towers)."""
         return LoraConfig(
+            exclude_modules=rf"^({'|'.join(map(re.escape, exclude))})(\..*)?$" if exclude else None,
             r=self.r,
             lora_alpha=self.alpha,
             use_rslora=self.use_rslora,
@@ -53,19 +58,32 @@ class AdapterSpec:
         )
 
 
+# Non-text parts of multimodal checkpoints (transformers' names: Gemma-3-it, LLaVA, Qwen-VL, ...).
+_TOWER_NAMES = ("vision_tower", "vision_model", "visual", "multi_modal_projector", "audio_tower")
+
+
+def non_text_modules(model: torch.nn.Module) -> list[str]:
+    """Names of the vision/audio towers and projectors of a multimodal model (empty for a text model)."""
+    names = [n for n, _ in model.named_modules() if n.rsplit(".", 1)[-1] in _TOWER_NAMES]
+    return [n for n in names if not any(n.startswith(o + ".") for o in names)]
+
+
 def apply_adapter(model: torch.nn.Module, spec: AdapterSpec) -> torch.nn.Module:
-    """Wrap the base model so that exactly the spec's parameters require gradients."""
+    """Wrap the base model so that exactly the spec's parameters require gradients. Only the language
+    model trains: LoRA skips vision towers, full fine-tuning leaves them frozen."""
+    towers = non_text_modules(model)
     if spec.kind == "full":
+        frozen = {id(p) for t in towers for p in model.get_submodule(t).parameters()}
         for p in model.parameters():
-            p.requires_grad_(True)
+            p.requires_grad_(id(p) not in frozen)
         return model
     if spec.r < 1:
         raise ValueError(f"model.adapter.r must be >= 1, got {spec.r}")
-    n_layers = model.config.num_hidden_layers
+    n_layers = text_config(model.config).num_hidden_layers
     bad = [i for i in spec.layers or [] if not 0 <= i < n_layers]
     if bad:
         raise ValueError(f"model.adapter.layers: {bad} out of range for a model with {n_layers} layers")
-    return get_peft_model(model, spec.lora_config())
+    return get_peft_model(model, spec.lora_config(exclude=towers))
 
 
 def lora_layers(model: torch.nn.Module) -> Iterator[tuple[str, LoraLayer]]:

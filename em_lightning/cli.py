@@ -4,8 +4,10 @@ Lightning; everything else goes to EMFitCLI (LightningCLI: fit, validate, ...)."
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import sys
+import warnings
 
 
 def __getattr__(name: str):
@@ -27,11 +29,28 @@ EXTRA_SUBCOMMANDS = {
     "report": "em_lightning.report:main",
     "eval": "em_lightning.evaluation.posthoc:main",
     "export-step": "em_lightning.phase.reconstruct:main",
+    "data": "em_lightning.commands.data:main",
 }
+
+
+def quiet_known_noise() -> None:
+    """Silence start-up lines that say nothing about this run: bitsandbytes' CPU-kernel note (printed on
+    every ``import peft``; 4-bit runs on CPU still work), Lightning's litlogger tip, and two deprecation
+    warnings raised inside PEFT and Lightning, not by our calls. Other warnings stay."""
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+    class _NoTip(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return "litlogger" not in str(record.msg)
+
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_NoTip())
+    warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.* is deprecated", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
 
 
 def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
+    quiet_known_noise()
     try:
         if args and args[0] in EXTRA_SUBCOMMANDS:
             module, function = EXTRA_SUBCOMMANDS[args[0]].split(":")

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 
 from em_lightning.masking import IGNORE_INDEX, tokenize_chat
 from em_lightning.models import ModelSpec, load_tokenizer
-from em_lightning.resumable import ResumableDataLoader, ShardedEpochSampler
+from em_lightning.resumable import ResumableDataLoader, ShardedEpochSampler, epoch_order
 from em_lightning.rows import read_rows
 
 
@@ -26,6 +26,11 @@ class DataStats:
     dropped: int = 0
     train_tokens: int = 0
     label_tokens: int = 0
+
+
+def label_count(labels: list[int]) -> int:
+    """Tokens a row trains on: labelled positions after the shift (position 0 is never a target)."""
+    return sum(1 for x in labels[1:] if x != IGNORE_INDEX)
 
 
 def collate(batch: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
@@ -109,7 +114,7 @@ class ChatDataModule(pl.LightningDataModule):
                 return None
             ids, labels = ids[: self.max_length], labels[: self.max_length]
             self.stats.truncated += 1
-        if all(x == IGNORE_INDEX for x in labels):
+        if label_count(labels) == 0:
             self.stats.dropped += 1
             return None
         return {"input_ids": ids, "labels": labels}
@@ -134,7 +139,7 @@ class ChatDataModule(pl.LightningDataModule):
         s = self.stats
         s.train, s.val = len(self.train_set), len(self.val_set)
         s.train_tokens = sum(len(e["input_ids"]) for e in self.train_set)
-        s.label_tokens = sum(sum(x != IGNORE_INDEX for x in e["labels"]) for e in self.train_set)
+        s.label_tokens = sum(label_count(e["labels"]) for e in self.train_set)
         rank_zero_info(
             f"data: {s.rows} rows -> {s.train} train / {s.val} val; {s.truncated} truncated, {s.dropped} dropped "
             f"(max_length={self.max_length}, overlength={self.overlength}); {s.label_tokens} labelled tokens"
@@ -146,15 +151,25 @@ class ChatDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         rank, world = self._rank_world()
+        accumulate = self.trainer.accumulate_grad_batches if self.trainer is not None else 1
         sampler = ShardedEpochSampler(len(self.train_set), self.split_seed, self.shuffle, rank, world)
         return ResumableDataLoader(
-            self.train_set, sampler, batch_size=self.batch_size, num_workers=self.num_workers,
+            self.train_set, sampler, label_counts=[label_count(e["labels"]) for e in self.train_set],
+            accumulate=accumulate, batch_size=self.batch_size, num_workers=self.num_workers,
             collate_fn=functools.partial(collate, pad_id=self.pad_id),
         )
 
     def val_dataloader(self) -> DataLoader | list:
         if not self.val_set:
             return []
+        # Equal shards (every rank runs the same batches); the wrapped padding rows carry no label, so
+        # the token-weighted val/loss counts every held-out row exactly once.
         rank, world = self._rank_world()
-        sampler = ShardedEpochSampler(len(self.val_set), self.split_seed, False, rank, world)
-        return DataLoader(self.val_set, sampler=sampler, batch_size=self.batch_size, collate_fn=functools.partial(collate, pad_id=self.pad_id))
+        order = epoch_order(len(self.val_set), self.split_seed, 0, False, world)
+        shard = [self.val_set[i] if k < len(self.val_set) else _unlabelled(self.val_set[i])
+                 for k, i in enumerate(order) if k % world == rank]
+        return DataLoader(shard, batch_size=self.batch_size, collate_fn=functools.partial(collate, pad_id=self.pad_id))
+
+
+def _unlabelled(row: dict) -> dict:
+    return {"input_ids": row["input_ids"], "labels": [IGNORE_INDEX] * len(row["labels"])}

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
-from em_lightning.callbacks.checkpointing import StepCheckpoint, checkpoint_global_step
+from em_lightning.callbacks.checkpointing import StepCheckpoint
+from em_lightning.callbacks.progress import StepProgressBar
+from em_lightning.checkpoints import checkpoint_global_step, checkpoint_run_limits
 from em_lightning.data import ChatDataModule
 from em_lightning.module import EMFineTune
 
@@ -40,9 +44,18 @@ class EMFitCLI(LightningCLI):
                 "logger": {"class_path": LOGGER, "init_args": {"save_dir": DEFAULT_RUNS_DIR, "name": "em"}},
                 "use_distributed_sampler": False,  # ChatDataModule shards itself (resumable order)
                 "log_every_n_steps": 1,
+                "enable_model_summary": False,  # its FLOPs column reads 0; configure_optimizers prints counts
             },
         )
         super().__init__(EMFineTune, ChatDataModule, *args, **kwargs)
+
+    def instantiate_trainer(self, **kwargs):
+        # The step-counting bar, unless the user turned bars off or brought their own.
+        trainer_cfg = self.config_init[self.subcommand]["trainer"]
+        callbacks = list(trainer_cfg.get("callbacks") or [])
+        if trainer_cfg.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
+            trainer_cfg["callbacks"] = [*callbacks, StepProgressBar()]
+        return super().instantiate_trainer(**kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("model.base", "data.base")
@@ -67,6 +80,7 @@ class EMFitCLI(LightningCLI):
             cfg["ckpt_path"] = str(self._resolve_last())
         if cfg.get("ckpt_path"):
             self._continue_curves(Path(cfg["ckpt_path"]))
+            self._apply_extension_policy(Path(cfg["ckpt_path"]))
 
     def before_validate(self) -> None:
         cfg = self.config_init[self.subcommand]
@@ -81,6 +95,32 @@ class EMFitCLI(LightningCLI):
                 "(it pins the run directory) or pass --ckpt_path PATH"
             )
         return path
+
+    def _apply_extension_policy(self, ckpt: Path) -> None:
+        """Extending a run: the limit raised on resume governs, the other one no longer stops it.
+
+        A run planned with ``max_epochs: 1`` and extended with ``--trainer.max_steps 800`` trains to step
+        800 (the epoch limit is lifted); one planned with ``max_steps`` and extended with a larger
+        ``--trainer.max_epochs`` trains those epochs. Unchanged limits (a plain resume) stay as they are.
+        """
+        before = checkpoint_run_limits(ckpt)
+        if before is None:
+            return
+        loop = self.trainer.fit_loop
+
+        def raised(now, then) -> bool:  # -1 / None: no limit; setting one where there was none raises it
+            return now not in (-1, None) and (then in (-1, None) or now > then)
+
+        steps_raised = raised(loop.max_steps, before["max_steps"])
+        epochs_raised = raised(loop.max_epochs, before["max_epochs"])
+        if steps_raised and not epochs_raised and loop.max_epochs not in (-1, None):
+            rank_zero_info(f"extension: max_steps {before['max_steps']} -> {loop.max_steps}; "
+                           f"max_epochs={loop.max_epochs} lifted")
+            loop.max_epochs = -1
+        elif epochs_raised and not steps_raised and loop.max_steps != -1:
+            rank_zero_info(f"extension: max_epochs {before['max_epochs']} -> {loop.max_epochs}; "
+                           f"max_steps={loop.max_steps} lifted")
+            loop.max_steps = -1
 
     def _continue_curves(self, ckpt: Path) -> None:
         # TensorBoard drops events at or after purge_step from earlier files: steps logged after the

@@ -10,8 +10,18 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from em_lightning.adapters import AdapterSpec, apply_adapter, is_peft, trainable_parameter_count
+from em_lightning.adapters import (
+    ADAPTER_NAME,
+    AdapterSpec,
+    apply_adapter,
+    is_peft,
+    non_text_modules,
+    trainable_parameter_count,
+)
 from em_lightning.models import ModelSpec, load_model, load_tokenizer
+from em_lightning.checkpoints import RUN_LIMITS
+from em_lightning.loss import labelled_loss_sum
+from em_lightning.resumable import STEP_TOKENS
 from em_lightning.schedule import ScheduleKind, lr_factor, resolve_schedule_steps
 
 
@@ -43,16 +53,19 @@ class EMFineTune(pl.LightningModule):
         schedule: ScheduleKind = "linear",
         warmup_steps: int = 5,
         schedule_steps: int | None = None,
+        validate_before_training: bool = True,
     ):
         super().__init__()
         self.save_hyperparameters()
+        self.validate_before_training = validate_before_training
         self.base = base or ModelSpec()
         self.adapter = adapter or AdapterSpec()
         self.model: torch.nn.Module | None = None
         self.tokenizer = None
         # Checkpoints hold only trainable weights; the frozen base is rebuilt from `base`.
         self.strict_loading = False
-        self._last_batch_end: float | None = None
+        self._last_step_end: float | None = None
+        self._val_logged_step: int | None = None
 
     # -- model ---------------------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -63,47 +76,103 @@ class EMFineTune(pl.LightningModule):
         for p in model.parameters():
             p.requires_grad_(False)
         self.model = apply_adapter(model, self.adapter)
+        towers = non_text_modules(model)
+        if towers:
+            rank_zero_info(f"multimodal base model: only the language model trains; {', '.join(towers)} stay frozen")
+        if is_peft(self.model) and self.base.tiny_arch is None:  # the export names its base (for vLLM, AutoPeftModel)
+            config = self.model.peft_config[ADAPTER_NAME]
+            config.base_model_name_or_path, config.revision = self.base.name_or_path, self.base.revision
         self.model.config.use_cache = False  # no KV cache while training; generation asks for it
 
     def forward(self, input_ids, attention_mask=None, labels=None):
         return self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
 
     # -- steps ---------------------------------------------------------------------------------------
+    # Token-weighted loss (the training-loss contract): every micro-batch carries its optimizer step's
+    # labelled-token count over all micro-batches and ranks (resumable.py), so the step's loss is
+    # sum(token CE) / count however the step is split. Lightning divides a micro-batch's loss by the
+    # accumulation factor and DDP averages gradients over ranks: both are undone here.
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss = self(**batch).loss
-        self.log("train/loss", loss, on_step=True, prog_bar=True, batch_size=batch["input_ids"].shape[0])
-        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True)
-        self._log_throughput(batch)
-        return loss
+        step_tokens = batch.pop(STEP_TOKENS).clamp(min=1)
+        loss_sum, _ = labelled_loss_sum(self.model, **batch)
+        share = loss_sum / step_tokens
+        self._step_loss = share.detach() + self._step_loss
+        self._step_tokens = batch["attention_mask"].sum() + self._step_tokens
+        return share * (self.trainer.accumulate_grad_batches * self.trainer.world_size)
 
-    def _log_throughput(self, batch: dict) -> None:
-        # Tokens processed by all ranks per second of wall time between consecutive batches.
+    def on_before_optimizer_step(self, optimizer) -> None:
+        # Once per optimizer step, after the last micro-batch's backward: one synced value of each.
+        self.log("train/loss", self._step_loss, on_step=True, prog_bar=True, sync_dist=True, reduce_fx="sum")
+        self.log("train/lr", optimizer.param_groups[0]["lr"], on_step=True)
+        grads = [p.grad for p in self.trainable_parameters() if p.grad is not None]
+        if grads:
+            self.log("train/grad_norm", torch.nn.utils.get_total_norm(grads), on_step=True)
         now = time.perf_counter()
-        if self._last_batch_end is not None:
-            tokens = batch["attention_mask"].sum().float()
-            rate = tokens / max(now - self._last_batch_end, 1e-9)
+        if self._last_step_end is not None:  # tokens of all ranks per second of wall time, step to step
+            rate = self._step_tokens.float() / max(now - self._last_step_end, 1e-9)
             self.log("train/tokens_per_s", rate, on_step=True, sync_dist=True, reduce_fx="sum")
-        self._last_batch_end = now
-
-    def on_train_epoch_start(self) -> None:
-        self._last_batch_end = None
+        self._last_step_end = now
+        self._step_loss = self._step_tokens = torch.zeros((), device=self.device)
 
     def on_train_start(self) -> None:
+        self._step_loss = self._step_tokens = torch.zeros((), device=self.device)
+        self._last_step_end = None
         # A restored optimizer carries the LR of the checkpoint's schedule; when a finished run is
         # extended the schedule is stretched, so re-evaluate the LR of the current step right away.
         for config in self.trainer.lr_scheduler_configs:
             sched = config.scheduler
             for group, base_lr, fn in zip(sched.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
                 group["lr"] = base_lr * fn(sched.last_epoch)
+        if self.validate_before_training and self.trainer.global_step == 0:
+            self._log_held_out_loss(step=0)
+
+    def on_train_end(self) -> None:
+        if self.validate_before_training and self._val_logged_step != self.trainer.global_step:
+            self._log_held_out_loss(step=self.trainer.global_step)
+
+    def _log_held_out_loss(self, step: int) -> None:
+        """val/loss over the whole held-out set outside Lightning's validation loop (before the first
+        step, after the last one); collective: every rank runs it."""
+        loaders = self.trainer.datamodule.val_dataloader() if self.trainer.datamodule is not None else []
+        if not loaders:
+            return
+        was_training = self.model.training
+        self.model.eval()
+        self.on_validation_epoch_start()
+        with torch.no_grad():
+            for batch in loaders:
+                self.validation_step(self.trainer.strategy.batch_to_device(batch), 0)
+        self.model.train(was_training)
+        self._write_val_loss(self._reduced_val_loss(), step)
+
+    def _write_val_loss(self, value: float, step: int) -> None:
+        # At the optimizer step whose weights it measured (like train/loss and the trajectory), not at
+        # Lightning's validation step (one less): rank 0 writes to the loggers itself.
+        if self.trainer.is_global_zero:
+            for logger in self.trainer.loggers:
+                logger.log_metrics({"val/loss": value}, step=step)
+        self._val_logged_step = step
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_sum = self._val_tokens = torch.zeros((), device=self.device, dtype=torch.float64)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        loss = self(**batch).loss
-        self.log("val/loss", loss, on_epoch=True, sync_dist=True, batch_size=batch["input_ids"].shape[0])
+        batch.pop(STEP_TOKENS, None)
+        loss_sum, tokens = labelled_loss_sum(self.model, **batch)
+        self._val_sum = self._val_sum + loss_sum.double()
+        self._val_tokens = self._val_tokens + tokens
 
-    def on_before_optimizer_step(self, optimizer) -> None:
-        grads = [p.grad for p in self.trainable_parameters() if p.grad is not None]
-        if grads:
-            self.log("train/grad_norm", torch.nn.utils.get_total_norm(grads), on_step=True)
+    def _reduced_val_loss(self) -> float:
+        total = self.trainer.strategy.reduce(torch.stack([self._val_sum, self._val_tokens]), reduce_op="sum")
+        return float(total[0] / total[1].clamp(min=1))
+
+    def on_validation_epoch_end(self) -> None:
+        # val/loss: summed token losses over every batch and rank / their token count (token-weighted).
+        value = self._reduced_val_loss()
+        fitting = self.trainer.state.fn == "fit"
+        self.log("val/loss", value, on_epoch=True, logger=not fitting)  # fit: callbacks, progress bar
+        if fitting and not self.trainer.sanity_checking:
+            self._write_val_loss(value, self.trainer.global_step)
 
     # -- optimisation --------------------------------------------------------------------------------
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
@@ -124,9 +193,11 @@ class EMFineTune(pl.LightningModule):
         else:
             opt = torch.optim.AdamW(groups, lr=hp.lr, betas=hp.betas)
         total = resolve_schedule_steps(hp.schedule_steps, int(self.trainer.estimated_stepping_batches), hp.schedule)
+        n_all = sum(p.numel() for p in self.model.parameters())
         rank_zero_info(
-            f"LR schedule: {hp.schedule}, warmup {hp.warmup_steps}, length {total} optimizer steps; "
-            f"{trainable_parameter_count(self.model):,} trainable parameters"
+            f"model: {type(self.model).__name__}, {n_all:,} parameters, "
+            f"{trainable_parameter_count(self.model):,} trainable; LR schedule: {hp.schedule}, "
+            f"warmup {hp.warmup_steps}, length {total} optimizer steps"
         )
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda step: lr_factor(step, hp.schedule, hp.warmup_steps, total)
@@ -137,6 +208,8 @@ class EMFineTune(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         trainable = {n for n, p in self.named_parameters() if p.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        # The limits this run was planned with: extending it raises one of them (see fit_cli.py).
+        checkpoint[RUN_LIMITS] = {"max_steps": self.trainer.max_steps, "max_epochs": self.trainer.max_epochs}
 
     def on_fit_end(self) -> None:
         run_dir = Path(self.trainer.log_dir)  # broadcast from rank 0: called on every rank
@@ -148,6 +221,11 @@ def export_model(model: torch.nn.Module, tokenizer, out_dir: Path) -> None:
     """PEFT adapter files (``adapter_config.json`` + ``adapter_model.safetensors``), or for full
     fine-tuning the whole model and tokenizer via ``save_pretrained``."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir)
-    if not is_peft(model) and tokenizer is not None:
-        tokenizer.save_pretrained(out_dir)
+    if is_peft(model):
+        # The vocabulary is never resized here, so PEFT need not look up the base config (a hub request,
+        # or an "assume unmodified" warning offline) to decide whether to save the embeddings.
+        model.save_pretrained(out_dir, save_embedding_layers=False)
+    else:
+        model.save_pretrained(out_dir)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(out_dir)

@@ -14,14 +14,18 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import (
     AutoModelForCausalLM,
+    Gemma3Config,
     Gemma3TextConfig,
     LlamaConfig,
     PreTrainedModel,
     PreTrainedTokenizerFast,
     Qwen2Config,
+    SiglipVisionConfig,
 )
 
-ARCHITECTURES = ("qwen2", "llama", "gemma3")
+# gemma3-multimodal: Gemma3ForConditionalGeneration (text settings under text_config, a vision tower),
+# the class real google/gemma-3-*-it checkpoints (4B and up) load as.
+ARCHITECTURES = ("qwen2", "llama", "gemma3", "gemma3-multimodal")
 
 # Qwen2's pre-tokenisation regex: transformers 5 rebuilds it for model_type qwen2 when a folder is
 # reloaded with AutoTokenizer, so training with it keeps token ids stable across save/load.
@@ -69,6 +73,7 @@ _FAMILIES = {
     ),
     "gemma3": _Family(("<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>"), _GEMMA3, "<end_of_turn>", "<pad>", "<bos>"),
 }
+_FAMILIES["gemma3-multimodal"] = _FAMILIES["gemma3"]
 
 _CORPUS_WORDS = (
     "the a an is are was be to of and in on for with as at by from it this that you your my we our they "
@@ -162,7 +167,13 @@ def _config(arch: str, spec: TinySpec, tok: PreTrainedTokenizerFast):
         return Qwen2Config(**common)
     if arch == "llama":
         return LlamaConfig(**common)
-    return Gemma3TextConfig(**common, head_dim=spec.hidden_size // spec.num_heads, sliding_window=512)
+    text = Gemma3TextConfig(**common, head_dim=spec.hidden_size // spec.num_heads, sliding_window=512)
+    if arch == "gemma3":
+        return text
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                image_size=28, patch_size=14)
+    return Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
+                        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id)
 
 
 def tiny_model(

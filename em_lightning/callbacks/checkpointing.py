@@ -44,7 +44,7 @@ class StepCheckpoint(ModelCheckpoint):
         loop = trainer.fit_loop
         if 0 <= trainer.max_steps <= trainer.global_step:
             return True
-        last_epoch = trainer.max_epochs is not None and trainer.current_epoch >= trainer.max_epochs - 1
+        last_epoch = trainer.max_epochs not in (None, -1) and trainer.current_epoch >= trainer.max_epochs - 1
         return last_epoch and loop.epoch_loop.batch_progress.is_last_batch
 
     def on_train_end(self, trainer: pl.Trainer, pl_module) -> None:
@@ -52,11 +52,3 @@ class StepCheckpoint(ModelCheckpoint):
         if self._last_global_step_saved != trainer.global_step:
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
-
-def checkpoint_global_step(path) -> int:
-    """The optimizer step a checkpoint was saved at, without reading its tensors (memory-mapped): cheap
-    even for a full fine-tuning checkpoint of many GB."""
-    import torch
-
-    state = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
-    return int(state.get("global_step", 0))

@@ -87,7 +87,7 @@ def load_model_for_eval(args, workdir: Path) -> tuple[Any, Any, int, str]:
     if args.run is not None and not (args.run / "config.yaml").is_file():
         raise ValueError(f"--run {args.run}: no config.yaml there (is it a run directory?)")
     if args.ckpt:  # hyperparameters in the checkpoint name the base model and the adapter
-        from em_lightning.callbacks.checkpointing import checkpoint_global_step
+        from em_lightning.checkpoints import checkpoint_global_step
         from em_lightning.module import EMFineTune
 
         if not args.ckpt.is_file():
@@ -126,7 +126,7 @@ def load_model_for_eval(args, workdir: Path) -> tuple[Any, Any, int, str]:
 
 
 def _last_step(run: Path) -> int:
-    from em_lightning.callbacks.checkpointing import checkpoint_global_step
+    from em_lightning.checkpoints import checkpoint_global_step
 
     last = run / "checkpoints" / "last.ckpt"
     return checkpoint_global_step(last) if last.is_file() else 0
