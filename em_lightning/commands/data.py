@@ -1,0 +1,77 @@
+"""``em-fit data list`` / ``em-fit data fetch NAME... [--dir DIR]``: the published EM data, pinned and verified.
+
+Files come from ``https://raw.githubusercontent.com/<repo>/<commit>/<path>`` (``--base-url`` or
+``EM_DATA_BASE_URL`` replace the host part, e.g. a mirror or a test server). Errors are one line and exit 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+from pathlib import Path
+
+from em_lightning.data_fetch import FetchError, fetch_archive, fetch_file
+from em_lightning.data_registry import BY_NAME, DEFAULT_DIR, ENTRIES, KINDS, DataFile
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="em-fit data", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="action", required=True)
+    ls = sub.add_parser("list", help="the registered question files and datasets")
+    ls.add_argument("--kind", choices=KINDS)
+    ls.add_argument("--verbose", "-v", action="store_true", help="also source, checksums and provenance")
+    fetch = sub.add_parser("fetch", help="download, verify and validate files into the data folder")
+    fetch.add_argument("names", nargs="+", metavar="NAME", help="entries of `em-fit data list`")
+    fetch.add_argument("--dir", type=Path, default=Path(DEFAULT_DIR), help=f"data folder (default: {DEFAULT_DIR}/)")
+    fetch.add_argument("--base-url", default=None,
+                       help="replaces https://raw.githubusercontent.com (also: env EM_DATA_BASE_URL)")
+    return p
+
+
+def _checks(e: DataFile) -> str:
+    blob = f"git blob {e.git_blob}" if e.git_blob else "git blob not recorded"
+    sha = f"sha256 {e.sha256}" if e.sha256 else "sha256 unverified (not recorded)"
+    return f"{blob}; {sha}" + (f"; {e.size} bytes" if e.size else "")
+
+
+def _list(kind: str | None, verbose: bool) -> None:
+    for e in ENTRIES:
+        if kind and e.kind != kind:
+            continue
+        count = f"{e.count} {'questions' if e.kind == 'questions' else 'rows'}" if e.count else ""
+        dest = e.dest + ("/" if e.kind == "protected-archive" else "")
+        print(f"{e.name:28s} {e.kind:18s} {DEFAULT_DIR}/{dest:44s} {count}".rstrip())
+        if verbose:
+            for line in (e.about, f"{e.repo}@{e.commit}:{e.path}", _checks(e), f"verified: {e.note}"):
+                print(f"{'':4s}{line}")
+
+
+def _fetch(names: list[str], data_dir: Path, url_base: str | None) -> None:
+    for name in names:  # all names first: a typo fails before any download
+        if name not in BY_NAME:
+            close = difflib.get_close_matches(name, BY_NAME, n=3)
+            hint = f" (did you mean {', '.join(close)}?)" if close else " (see `em-fit data list`)"
+            raise FetchError(f"data fetch: unknown name {name!r}{hint}")
+    for name in dict.fromkeys(names):
+        e = BY_NAME[name]
+        if e.kind == "protected-archive":
+            folder, members, fresh = fetch_archive(e, data_dir, url_base)
+            print(f"{name}: {folder}/ ({'fetched' if fresh else 'already there, verified'})")
+            for path, rows in members:
+                print(f"  --data.train_files {path}   ({rows} rows)")
+        else:
+            path, n, fresh = fetch_file(e, data_dir, url_base)
+            status = "fetched" if fresh else "already there, verified"
+            use = "--data.train_files" if e.kind == "rows" else "questions:"
+            print(f"{name}: {path} ({n} {'rows' if e.kind == 'rows' else 'questions'}, {status}); use: {use} {path}")
+
+
+def main(argv: list[str]) -> None:
+    args = _parser().parse_args(argv)
+    if args.action == "list":
+        _list(args.kind, args.verbose)
+        return
+    try:
+        _fetch(args.names, args.dir, args.base_url)
+    except OSError as e:  # e.g. the data folder cannot be created or written
+        raise FetchError(f"data fetch: {type(e).__name__}: {e}") from None
