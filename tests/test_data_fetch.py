@@ -268,3 +268,11 @@ def test_data_list_starts_without_lightning(repo_root):
     assert proc.returncode == 0, proc.stderr
     names = [line.split()[0] for line in proc.stdout.splitlines()]
     assert names == list(BY_NAME)
+
+
+def test_missing_question_file_names_the_fetch_command(tmp_path, monkeypatch):
+    from em_lightning.evaluation.questions import load_questions
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="em-fit data fetch first-plot-questions"):
+        load_questions("data/questions/first_plot_questions.yaml")

@@ -31,6 +31,8 @@ from typing import Any
 
 import yaml
 
+from em_lightning.data_registry import fetch_hint
+
 QUESTION_TYPES = ("free_form_judge_0_100", "free_form_judge")
 VARIANT_SUFFIXES = ("_json", "_template")
 # libyaml when present (same nodes and marks, ~10x faster).
@@ -68,7 +70,9 @@ class _Reader:
         try:
             text = path.read_text(encoding="utf-8")
         except FileNotFoundError:
-            raise self.error(1, "file", "not found (expected a YAML list of questions)") from None
+            hint = fetch_hint(path)
+            where = f"; get it with `{hint}`" if hint else ""
+            raise self.error(1, "file", f"not found (expected a YAML list of questions){where}") from None
         except (OSError, UnicodeDecodeError) as e:
             raise self.error(1, "file", f"unreadable ({e.__class__.__name__}: {e})") from None
         self.loader = _Loader(text)
