@@ -79,6 +79,9 @@ def apply_adapter(model: torch.nn.Module, spec: AdapterSpec) -> torch.nn.Module:
         return model
     if spec.r < 1:
         raise ValueError(f"model.adapter.r must be >= 1, got {spec.r}")
+    if spec.layers is not None and isinstance(spec.target_modules, str):
+        raise ValueError("model.adapter.layers needs target_modules as a list of module names (e.g. [q_proj, "
+                         "down_proj]); 'all-linear' adapts every layer")
     n_layers = text_config(model.config).num_hidden_layers
     bad = [i for i in spec.layers or [] if not 0 <= i < n_layers]
     if bad:

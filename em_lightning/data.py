@@ -149,6 +149,11 @@ class ChatDataModule(pl.LightningDataModule):
         trainer = self.trainer
         return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
 
+    def batches_per_epoch(self) -> int:
+        """Training batches each rank runs per epoch (equal shards)."""
+        _, world = self._rank_world()
+        return -(-(-(-len(self.train_set) // world)) // self.batch_size)
+
     def train_dataloader(self) -> DataLoader:
         rank, world = self._rank_world()
         accumulate = self.trainer.accumulate_grad_batches if self.trainer is not None else 1

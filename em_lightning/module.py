@@ -22,7 +22,7 @@ from em_lightning.models import ModelSpec, load_model, load_tokenizer
 from em_lightning.checkpoints import RUN_LIMITS
 from em_lightning.loss import labelled_loss_sum
 from em_lightning.resumable import STEP_TOKENS
-from em_lightning.schedule import ScheduleKind, lr_factor, resolve_schedule_steps
+from em_lightning.schedule import ScheduleKind, lr_factor, planned_steps, resolve_schedule_steps
 
 
 class EMFineTune(pl.LightningModule):
@@ -192,7 +192,7 @@ class EMFineTune(pl.LightningModule):
             opt = bnb.optim.AdamW8bit(groups, lr=hp.lr, betas=hp.betas)
         else:
             opt = torch.optim.AdamW(groups, lr=hp.lr, betas=hp.betas)
-        total = resolve_schedule_steps(hp.schedule_steps, int(self.trainer.estimated_stepping_batches), hp.schedule)
+        total = resolve_schedule_steps(hp.schedule_steps, self._planned_steps(), hp.schedule)
         n_all = sum(p.numel() for p in self.model.parameters())
         rank_zero_info(
             f"model: {type(self.model).__name__}, {n_all:,} parameters, "
@@ -203,6 +203,14 @@ class EMFineTune(pl.LightningModule):
             opt, lambda step: lr_factor(step, hp.schedule, hp.warmup_steps, total)
         )
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def _planned_steps(self) -> int:
+        # Not trainer.estimated_stepping_batches: for an epoch-limited run it builds the train dataloader
+        # before the checkpoint is restored, and Lightning then never restores the loader's position.
+        trainer, dm = self.trainer, self.trainer.datamodule
+        if not hasattr(dm, "batches_per_epoch"):
+            return int(trainer.estimated_stepping_batches)
+        return planned_steps(trainer.max_steps, trainer.max_epochs, dm.batches_per_epoch(), trainer.accumulate_grad_batches)
 
     # -- checkpoints and export ----------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:

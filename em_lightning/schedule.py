@@ -28,6 +28,17 @@ def lr_factor(step: int, kind: ScheduleKind, warmup_steps: int, schedule_steps: 
     raise ValueError(f"unknown schedule {kind!r}; expected linear, cosine or constant")
 
 
+def planned_steps(max_steps: int, max_epochs: int | None, batches_per_epoch: int, accumulate: int) -> int:
+    """Optimizer steps of a run limited by max_steps and/or max_epochs (-1 / None: no limit), as Lightning
+    counts them: every epoch ends with an optimizer step, also after a shorter accumulation group."""
+    by_epochs = None if max_epochs in (None, -1) else -(-batches_per_epoch // accumulate) * max_epochs
+    if max_steps == -1:
+        if by_epochs is None:
+            raise ValueError("the run has no end: set trainer.max_steps or trainer.max_epochs")
+        return by_epochs
+    return max_steps if by_epochs is None else min(max_steps, by_epochs)
+
+
 def resolve_schedule_steps(schedule_steps: int | None, planned_steps: int, kind: ScheduleKind) -> int:
     """The schedule length used for this fit.
 

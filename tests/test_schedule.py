@@ -34,3 +34,14 @@ def test_extension_policy():
         resolve_schedule_steps(400, 800, "linear")
     # the stretched schedule never gives LR 0 before its end
     assert all(lr_factor(s, "linear", 5, 800) > 0 for s in range(1, 800))
+
+
+def test_planned_steps_counts_like_lightning():
+    from em_lightning.schedule import planned_steps
+
+    assert planned_steps(-1, 3, 12, 2) == 18
+    assert planned_steps(-1, 2, 11, 2) == 12  # the epoch's last, shorter group still steps
+    assert planned_steps(10, 3, 12, 2) == 10 and planned_steps(40, 3, 12, 2) == 18
+    assert planned_steps(7, -1, 12, 2) == 7 and planned_steps(7, None, 12, 2) == 7
+    with pytest.raises(ValueError, match="no end"):
+        planned_steps(-1, -1, 12, 2)

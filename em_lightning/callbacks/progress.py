@@ -17,7 +17,7 @@ class StepProgressBar(TQDMProgressBar):
     def on_train_start(self, trainer: pl.Trainer, *_: Any) -> None:
         super().on_train_start(trainer)
         bar = self.train_progress_bar
-        bar.reset(total=int(trainer.estimated_stepping_batches))
+        bar.reset(total=int(trainer.estimated_stepping_batches))  # the train loader exists by now
         bar.n = bar.initial = trainer.global_step  # a resumed run starts where it stopped
         bar.refresh()
 
