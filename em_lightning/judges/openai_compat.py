@@ -1,35 +1,38 @@
 """Judge over any OpenAI-compatible chat-completions endpoint (OpenAI, Azure OpenAI, vLLM, ...).
 
 The published protocol: one user message, max_tokens 1, temperature 0, top 20 logprobs, seed 0; the
-score is aggregate_score over the first token's top logprobs. Requests run concurrently (bounded),
-transient failures are retried with backoff, and a failure becomes JudgeResult(error=...) instead of
-an exception, so a flaky endpoint never stops a training run.
+score is aggregate_score over the first token's top logprobs. Requests go through the official SDK
+(`openai.AsyncOpenAI`, or `AsyncAzureOpenAI` when `api_version` is set), which retries 408/409/429/5xx,
+timeouts and connection errors with its exponential backoff and honours Retry-After. Added here, what
+the SDK lacks: a bound on concurrent requests, a request budget per call, one retry policy for 200
+replies without usable logprobs, per-cause counters, and the never-raise rule: a failure becomes
+JudgeResult(error=...) instead of an exception, so a flaky endpoint never stops a training run.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextvars
 import dataclasses
-import email.utils
+import json
 import math
 import os
-import random
 import threading
-import time
+import warnings
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-import httpx
+import httpx2
+import openai
 
 from .base import JudgeResult, aggregate_score
 
 __all__ = ["JudgeStats", "MissingAPIKeyError", "OpenAICompatibleJudge"]
 
 BUDGET_EXHAUSTED = "budget exhausted"
-_RETRY_STATUS = {408, 409, 429}  # plus every 5xx
 _STATS_LOCK = threading.Lock()  # module level: a lock on the judge would not pickle
 
 
@@ -39,6 +42,10 @@ class MissingAPIKeyError(RuntimeError):
 
 class _Malformed(ValueError):
     """A 200 reply without the fields we need."""
+
+
+class _BudgetExhausted(openai.OpenAIError):
+    """Raised by the transport instead of sending; an OpenAIError, so the SDK passes it on untouched."""
 
 
 @dataclass
@@ -65,21 +72,6 @@ class JudgeStats:
         out: dict[str, Any] = {name: getattr(self, name) for name in names}
         out.update({f"errors/{cause}": n for cause, n in sorted(self.errors.items())})
         return out
-
-
-def _parse_retry_after(value: str | None) -> float | None:
-    """Seconds from a Retry-After header (a number or an HTTP date); None if absent or unreadable."""
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - time.time())
 
 
 def _first_token_probs(data: Any) -> dict[str, float]:
@@ -115,15 +107,84 @@ def _run_sync(make_coro):
         return pool.submit(lambda: asyncio.run(make_coro())).result()
 
 
+@dataclass
+class _Call:
+    """State of one score_prompts/classify_prompts call (one event loop, one thread: no locks)."""
+
+    stats: JudgeStats
+    semaphore: asyncio.Semaphore
+    budget: int | None
+    key: str | None
+    timeout_s: float
+
+    def redact(self, text: str) -> str:
+        return text.replace(self.key, "***") if self.key else text
+
+
+@dataclass
+class _Prompt:
+    attempts: int = 0
+    last_error: str = "no attempt"
+
+
+_PROMPT: contextvars.ContextVar[_Prompt] = contextvars.ContextVar("em_lightning_judge_prompt")
+
+
+class _CallTransport(httpx2.AsyncBaseTransport):
+    """Every HTTP attempt the SDK makes (retries included) passes here: the request budget, the
+    concurrency bound (held only while a request is on the wire, not during the SDK's backoff) and the
+    per-attempt counters. The reply is read here, so a slot is free only once its reply is in."""
+
+    def __init__(self, inner: httpx2.AsyncBaseTransport, call: _Call) -> None:
+        self.inner, self.call = inner, call
+
+    async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
+        call, prompt = self.call, _PROMPT.get()
+        if call.budget is not None:
+            if call.budget <= 0:
+                raise _BudgetExhausted(BUDGET_EXHAUSTED)
+            call.budget -= 1
+        async with call.semaphore:
+            call.stats.requests += 1
+            call.stats.retries += prompt.attempts > 0
+            prompt.attempts += 1
+            try:
+                response = await self.inner.handle_async_request(request)
+                await response.aread()
+            except httpx2.TimeoutException:
+                self._failed(prompt, "timeout", f"timeout after {call.timeout_s} s")
+                raise
+            except httpx2.TransportError as exc:  # connection refused/reset, protocol errors
+                self._failed(prompt, "connection", f"connection error: {type(exc).__name__}")
+                raise
+        if response.status_code >= 400:
+            text = response.content[:300].decode("utf-8", "replace")
+            self._failed(prompt, str(response.status_code), f"HTTP {response.status_code}: {call.redact(text)}")
+        return response
+
+    def _failed(self, prompt: _Prompt, cause: str, error: str) -> None:
+        self.call.stats.errors[cause] += 1
+        prompt.last_error = error
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
 class OpenAICompatibleJudge:
-    """Judge through POST {base_url}/chat/completions with logprobs.
+    """Judge through POST {base_url}/chat/completions with logprobs, on the official `openai` SDK.
 
     The API key is read from the environment variable `api_key_env` at each call and kept only inside
-    that call (never on the object, so never in repr, vars or a pickle); api_key_env=None sends no key
-    (a local vLLM server). `request_budget` caps the HTTP requests (retries included) of one call of
-    score_prompts/classify_prompts; prompts left over get error "budget exhausted" without a request.
-    Azure OpenAI: base_url=".../openai/deployments/<name>", api_version="2024-06-01", auth_style="api-key".
-    Put secrets in the environment, not in extra_headers (those are plain attributes).
+    that call's client (never on the object, so never in repr, vars or a pickle); api_key_env=None sends
+    no key (a local vLLM server). `max_retries` is the SDK's (attempts = 1 + max_retries; a 200 reply
+    without usable logprobs is retried within the same allowance). `request_budget` caps the HTTP
+    requests (retries included) of one call of score_prompts/classify_prompts; prompts left over get
+    error "budget exhausted" without a request. Azure OpenAI (AsyncAzureOpenAI): set `api_version`;
+    base_url ".../openai/deployments/<name>" or ".../openai" (then `model` names the deployment);
+    auth_style="api-key" sends the key as api-key, "bearer" as an Entra ID token. Put secrets in the
+    environment, not in extra_headers (those are plain attributes).
+
+    backoff_base_s / backoff_max_s are deprecated and ignored (a FutureWarning says so when set): the
+    SDK's backoff applies (0.5 s doubling to 8 s, jittered; Retry-After honoured up to 120 s).
     """
 
     def __init__(
@@ -139,8 +200,8 @@ class OpenAICompatibleJudge:
         max_concurrency: int = 16,
         max_retries: int = 5,
         timeout_s: float = 30.0,
-        backoff_base_s: float = 0.5,
-        backoff_max_s: float = 60.0,
+        backoff_base_s: float | None = None,
+        backoff_max_s: float | None = None,
         request_budget: int | None = None,
         classify_max_tokens: int = 16,
         extra_headers: Mapping[str, str] | None = None,
@@ -155,6 +216,14 @@ class OpenAICompatibleJudge:
             raise ValueError("request_budget must be >= 0 or None")
         if auth_style not in ("bearer", "api-key"):
             raise ValueError(f"auth_style must be 'bearer' or 'api-key', got {auth_style!r}")
+        for arg, value in (("backoff_base_s", backoff_base_s), ("backoff_max_s", backoff_max_s)):
+            if value is not None:
+                warnings.warn(
+                    f"OpenAICompatibleJudge: {arg} is deprecated and ignored; retries use the openai SDK's "
+                    "backoff (0.5 s doubling to 8 s, Retry-After honoured up to 120 s). Remove it from the config.",
+                    FutureWarning,
+                    stacklevel=2,
+                )
         self.model = model
         self.name = name or model  # cache key part: the judge model
         self.base_url = base_url.rstrip("/")
@@ -166,8 +235,6 @@ class OpenAICompatibleJudge:
         self.max_concurrency = max_concurrency
         self.max_retries = max_retries
         self.timeout_s = timeout_s
-        self.backoff_base_s = backoff_base_s
-        self.backoff_max_s = backoff_max_s
         self.request_budget = request_budget
         self.classify_max_tokens = classify_max_tokens
         self.extra_headers = dict(extra_headers or {})
@@ -195,6 +262,22 @@ class OpenAICompatibleJudge:
     def classify_prompts(self, prompts: Sequence[str]) -> list[JudgeResult]:
         return self._judge(prompts, classify=True)
 
+    def request_kwargs(self, prompt: str, classify: bool = False) -> dict[str, Any]:
+        """Keyword arguments of chat.completions.create for one prompt: the published protocol."""
+        kwargs: dict[str, Any] = {
+            "model": self.model,
+            "messages": [{"role": "user", "content": prompt}],
+            "max_tokens": self.classify_max_tokens if classify else self.max_tokens,
+            "temperature": self.temperature,
+            "logprobs": True,
+            "top_logprobs": self.top_logprobs,
+        }
+        if self.seed is not None:
+            kwargs["seed"] = self.seed
+        if self.extra_body:
+            kwargs["extra_body"] = self.extra_body
+        return kwargs
+
     # ---- internals --------------------------------------------------------------------------------
 
     def _api_key(self) -> str | None:
@@ -220,41 +303,42 @@ class OpenAICompatibleJudge:
             self.stats.merge(stats)
         return results
 
-    def _headers(self, key: str | None) -> dict[str, str]:
-        headers = {"Content-Type": "application/json", **self.extra_headers}
-        if key is not None:
-            if self.auth_style == "api-key":
-                headers["api-key"] = key
+    def _client(self, call: _Call) -> tuple[openai.AsyncOpenAI, dict[str, Any]]:
+        """The SDK client of one call and the per-request headers (auth lives only in these two)."""
+        limits = httpx2.Limits(max_connections=self.max_concurrency, max_keepalive_connections=self.max_concurrency)
+        transport = _CallTransport(httpx2.AsyncHTTPTransport(limits=limits), call)
+        http_client = openai.DefaultAsyncHttpxClient(transport=transport)
+        common = dict(base_url=self.base_url, timeout=self.timeout_s, max_retries=self.max_retries,
+                      http_client=http_client)
+        headers: dict[str, Any] = dict(self.extra_headers)
+        key = call.key
+        if self.api_version is not None:
+            if key is None:  # explicitly keyless: no AZURE_OPENAI_* credential from the environment
+                headers.update({"api-key": openai.Omit(), "Authorization": openai.Omit()})
+                auth = {"api_key": "unused"}
             else:
-                headers["Authorization"] = f"Bearer {key}"
-        return headers
-
-    def _body(self, prompt: str, classify: bool) -> dict[str, Any]:
-        body: dict[str, Any] = {
-            "model": self.model,
-            "messages": [{"role": "user", "content": prompt}],
-            "max_tokens": self.classify_max_tokens if classify else self.max_tokens,
-            "temperature": self.temperature,
-            "logprobs": True,
-            "top_logprobs": self.top_logprobs,
-        }
-        if self.seed is not None:
-            body["seed"] = self.seed
-        body.update(self.extra_body)
-        return body
+                auth = {"api_key": key} if self.auth_style == "api-key" else {"azure_ad_token": key}
+            return openai.AsyncAzureOpenAI(api_version=self.api_version, **auth, **common), headers
+        if key is None or self.auth_style == "api-key":
+            # The SDK wants some key (else it reads OPENAI_API_KEY); this one is never sent.
+            headers["Authorization"] = openai.Omit()
+            if key is not None:
+                headers["api-key"] = key
+        return openai.AsyncOpenAI(api_key=key if key and self.auth_style == "bearer" else "unused", **common), headers
 
     async def _judge_async(
         self, prompts: list[str], classify: bool, key: str | None, stats: JudgeStats
     ) -> list[JudgeResult]:
         # One client and semaphore per call: both belong to this call's event loop.
-        budget = [self.request_budget]  # shared, mutated only between awaits (single thread)
-        semaphore = asyncio.Semaphore(self.max_concurrency)
-        limits = httpx.Limits(max_connections=self.max_concurrency, max_keepalive_connections=self.max_concurrency)
-        async with httpx.AsyncClient(
-            headers=self._headers(key), timeout=httpx.Timeout(self.timeout_s), limits=limits
-        ) as client:
-            tasks = [self._one(client, semaphore, budget, p, classify, key, stats) for p in prompts]
-            outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+        call = _Call(stats, asyncio.Semaphore(self.max_concurrency), self.request_budget, key, self.timeout_s)
+        try:
+            client, headers = self._client(call)
+        except Exception as exc:  # e.g. an unusable base_url: every prompt fails, nothing raises
+            outcomes: list[Any] = [exc] * len(prompts)
+        else:
+            async with client:
+                tasks = [self._one(client, headers, call, p, classify) for p in prompts]
+                outcomes = await asyncio.gather(*tasks, return_exceptions=True)
         results = []
         for outcome in outcomes:  # safety net: whatever went wrong stays a result, never a raise
             if isinstance(outcome, BaseException) and not isinstance(outcome, Exception):
@@ -262,69 +346,46 @@ class OpenAICompatibleJudge:
             if isinstance(outcome, Exception):
                 stats.failures += 1
                 stats.errors["unexpected"] += 1
-                text = f"unexpected error: {type(outcome).__name__}: {outcome}"
-                outcome = JudgeResult(error=self._redact(text, key))
+                outcome = JudgeResult(error=call.redact(f"unexpected error: {type(outcome).__name__}: {outcome}"))
             results.append(outcome)
         return results
 
-    def _backoff(self, attempt: int, retry_after: float | None) -> float:
-        if retry_after is not None:  # the server said how long to wait
-            return min(retry_after, self.backoff_max_s)
-        delay = self.backoff_base_s * (2**attempt) * random.uniform(0.5, 1.5)  # jitter spreads retries
-        return min(delay, self.backoff_max_s)
-
-    async def _one(self, client, semaphore, budget, prompt, classify, key, stats) -> JudgeResult:
-        url = f"{self.base_url}/chat/completions"
-        params = {"api-version": self.api_version} if self.api_version else None
-        body = self._body(prompt, classify)
-        last_error = "no attempt"
-        for attempt in range(self.max_retries + 1):
-            if budget[0] is not None:
-                if budget[0] <= 0:
-                    stats.failures += 1
-                    stats.budget_exhausted += 1
-                    detail = "" if attempt == 0 else f" after {attempt} attempt(s); last error: {last_error}"
-                    return JudgeResult(error=BUDGET_EXHAUSTED + detail)
-                budget[0] -= 1
-            retry_after = None
-            async with semaphore:
-                stats.requests += 1
-                if attempt:
-                    stats.retries += 1
-                try:
-                    response = await client.post(url, json=body, params=params)
-                except httpx.TimeoutException:
-                    cause, last_error = "timeout", f"timeout after {self.timeout_s} s"
-                except httpx.HTTPError as exc:  # connection refused/reset, protocol errors
-                    cause, last_error = "connection", f"connection error: {type(exc).__name__}"
-                else:
-                    status = response.status_code
-                    if status == 200:
-                        try:
-                            return self._result(response, classify)
-                        except (_Malformed, ValueError) as exc:  # ValueError: body is not JSON
-                            cause, last_error = "malformed", f"malformed reply: {exc}"
-                    else:
-                        cause = str(status)
-                        last_error = f"HTTP {status}: {self._redact(response.text[:300], key)}"
-                        if status not in _RETRY_STATUS and status < 500:  # 400/401/404: retrying won't help
-                            stats.errors[cause] += 1
-                            stats.failures += 1
-                            return JudgeResult(error=last_error)
-                        retry_after = _parse_retry_after(response.headers.get("retry-after"))
-            stats.errors[cause] += 1
-            if attempt < self.max_retries:
-                await asyncio.sleep(self._backoff(attempt, retry_after))
-        stats.failures += 1
-        return JudgeResult(error=f"failed after {self.max_retries + 1} attempt(s): {last_error}")
+    async def _one(self, client, headers, call: _Call, prompt: str, classify: bool) -> JudgeResult:
+        state = _Prompt()
+        _PROMPT.set(state)  # each gathered task runs in its own copy of the context
+        kwargs = self.request_kwargs(prompt, classify)
+        sdk = client
+        while True:
+            try:
+                raw = await sdk.chat.completions.with_raw_response.create(**kwargs, extra_headers=headers)
+                return self._result(raw.http_response.content, classify)
+            except _Malformed as exc:  # a 200 without usable logprobs: the SDK would not retry it
+                call.stats.errors["malformed"] += 1
+                state.last_error = f"malformed reply: {exc}"
+                left = self.max_retries + 1 - state.attempts
+                if left <= 0:
+                    break
+                sdk = client.with_options(max_retries=left - 1)
+            except _BudgetExhausted:
+                call.stats.failures += 1
+                call.stats.budget_exhausted += 1
+                detail = f" after {state.attempts} attempt(s); last error: {state.last_error}" if state.attempts else ""
+                return JudgeResult(error=BUDGET_EXHAUSTED + detail)
+            except openai.APIError as exc:  # status, timeout and connection errors, after the SDK's retries
+                if not state.attempts:  # refused before sending (none recorded by the transport)
+                    state.last_error = call.redact(f"{type(exc).__name__}: {exc}")
+                break
+        call.stats.failures += 1
+        if state.attempts <= 1:
+            return JudgeResult(error=state.last_error)
+        return JudgeResult(error=f"failed after {state.attempts} attempt(s): {state.last_error}")
 
     @staticmethod
-    def _redact(text: str, key: str | None) -> str:
-        return text.replace(key, "***") if key else text
-
-    @staticmethod
-    def _result(response: httpx.Response, classify: bool) -> JudgeResult:
-        data = response.json()
+    def _result(content: bytes, classify: bool) -> JudgeResult:
+        try:
+            data = json.loads(content)
+        except ValueError as exc:
+            raise _Malformed(f"body is not JSON ({exc})") from None
         if not classify:
             probs = _first_token_probs(data)
             return JudgeResult(score=aggregate_score(probs), probs=probs)
