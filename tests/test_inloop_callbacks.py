@@ -3,10 +3,7 @@ validate, secrets; and through the CLI: the demo preset, one process vs two (DDP
 checkpoint reproducing the in-loop answers."""
 
 import hashlib
-import json
 import math
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -27,6 +24,7 @@ from em_lightning.data import ChatDataModule
 from em_lightning.evaluation import SamplingConfig, em_summary
 from em_lightning.evaluation.runner import read_jsonl
 from em_lightning.judges import OpenAICompatibleJudge
+from em_lightning.judges.loopback import LoopbackServer, Reply
 from em_lightning.models import ModelSpec
 from em_lightning.module import EMFineTune
 
@@ -51,41 +49,25 @@ def one_thread():
         env["OMP_NUM_THREADS"] = old
 
 
-class FakeOpenAI(BaseHTTPRequestHandler):
+AUTH: list = []  # the Authorization header of every request the fake judge received
+
+
+def fake_openai(request):
     """/chat/completions with logprobs: a score chosen by a hash of the prompt; HTTP 400 for some prompts."""
-
-    auth: list = []
-
-    def do_POST(self):  # noqa: N802
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        FakeOpenAI.auth.append(self.headers.get("Authorization"))
-        h = int(hashlib.sha256(body["messages"][0]["content"].encode()).hexdigest(), 16)
-        if h % 13 == 0:
-            self._send(400, {"error": {"message": "bad request"}})
-            return
-        score = str([5, 20, 45, 60, 80, 95][h % 6])
-        top = [{"token": score, "logprob": -0.05}, {"token": "x", "logprob": -3.0}]
-        content = [{"token": score, "logprob": -0.05, "top_logprobs": top}]
-        self._send(200, {"choices": [{"message": {"content": score}, "logprobs": {"content": content}}]})
-
-    def _send(self, status, payload):
-        data = json.dumps(payload).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args):
-        pass
+    AUTH.append(request.headers.get("Authorization"))
+    h = int(hashlib.sha256(request.prompt.encode()).hexdigest(), 16)
+    if h % 13 == 0:
+        return Reply(400, {"error": {"message": "bad request"}})
+    score = str([5, 20, 45, 60, 80, 95][h % 6])
+    top = [{"token": score, "logprob": -0.05}, {"token": "x", "logprob": -3.0}]
+    content = [{"token": score, "logprob": -0.05, "top_logprobs": top}]
+    return Reply(body={"choices": [{"message": {"content": score}, "logprobs": {"content": content}}]})
 
 
 @pytest.fixture(scope="module")
 def judge_url():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeOpenAI)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/v1"
-    server.shutdown()
+    with LoopbackServer(fake_openai) as server:
+        yield server.url
 
 
 class Spy(Callback):
@@ -186,7 +168,7 @@ def test_jsonl_consistent_with_logged_metrics(fitted):
 
 def test_no_api_key_in_any_file(fitted):
     run_dir, _ = fitted
-    assert FakeOpenAI.auth and set(FakeOpenAI.auth) == {f"Bearer {SECRET}"}  # the key was used...
+    assert AUTH and set(AUTH) == {f"Bearer {SECRET}"}  # the key was used...
     failures = [r for p in (run_dir / "generations").glob("*.jsonl") for r in read_jsonl(p) if r["judge_errors"]]
     assert failures  # ...error texts were written...
     for path in run_dir.rglob("*"):
