@@ -74,10 +74,15 @@ def load_tokenizer(spec: ModelSpec) -> PreTrainedTokenizerBase:
         tok = tiny_tokenizer(arch, spec.tiny.vocab_size)
     else:
         if spec.tokenizer is not None:
-            source = resolve_source(spec.tokenizer, None, spec.revision, "model.base.tokenizer")
+            option, name = "model.base.tokenizer", spec.tokenizer
+            source = resolve_source(spec.tokenizer, None, spec.revision, option)
         else:
+            option, name = "model.base.name_or_path", spec.name_or_path
             source = resolve_source(spec.name_or_path, spec.gguf_file, spec.revision)
-        tok = AutoTokenizer.from_pretrained(source, revision=spec.revision)
+        try:
+            tok = AutoTokenizer.from_pretrained(source, revision=spec.revision)
+        except (OSError, ValueError) as e:  # HFValidationError is a ValueError
+            raise _not_loadable(option, name, e) from None
     if spec.chat_template is not None:
         tok.chat_template = Path(spec.chat_template).read_text()
     if tok.chat_template is None:
@@ -85,6 +90,15 @@ def load_tokenizer(spec: ModelSpec) -> PreTrainedTokenizerBase:
     if tok.pad_token is None:  # dynamic padding needs one; the pad id never carries a label
         tok.pad_token = tok.eos_token
     return tok
+
+
+def _not_loadable(option: str, name: str, error: Exception) -> ValueError:
+    """One line naming the option: a missing local path says so; anything else keeps the first line of
+    transformers' reason (an unknown hub id, the hub offline, a folder without the files)."""
+    if name.startswith(("/", "./", "../", "~")) and not Path(name).expanduser().exists():
+        return ValueError(f"{option}: {name}: no such file or folder")
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return ValueError(f"{option}: {name}: cannot load ({reason})")
 
 
 def _quantization_config(spec: ModelSpec):
@@ -134,7 +148,10 @@ def load_model(spec: ModelSpec, tokenizer: PreTrainedTokenizerBase | None = None
         if spec.attn_implementation is not None:
             kwargs["attn_implementation"] = spec.attn_implementation
         source = resolve_source(spec.name_or_path, spec.gguf_file, spec.revision)
-        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        except OSError as e:  # missing folder/file or hub id: one line naming the option (cli.py prints it)
+            raise _not_loadable("model.base.name_or_path", spec.name_or_path, e) from None
         if spec.quantization is not None:
             disable_cpu_4bit_repacking(model)
     if spec.gradient_checkpointing:
