@@ -35,8 +35,9 @@ EXTRA_SUBCOMMANDS = {
 
 def quiet_known_noise() -> None:
     """Silence start-up lines that say nothing about this run: bitsandbytes' CPU-kernel note (printed on
-    every ``import peft``; 4-bit runs on CPU still work), Lightning's litlogger tip, and two deprecation
-    warnings raised inside PEFT and Lightning, not by our calls. Other warnings stay."""
+    every ``import peft``; 4-bit runs on CPU still work), Lightning's litlogger tip, two deprecation
+    warnings raised inside PEFT and Lightning, and torch.distributed.checkpoint's notice each time
+    Lightning rewrites a sharded last.ckpt (meant). Other warnings stay."""
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
     class _NoTip(logging.Filter):
@@ -46,6 +47,7 @@ def quiet_known_noise() -> None:
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_NoTip())
     warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.* is deprecated", category=FutureWarning)
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+    warnings.filterwarnings("ignore", message=r"Detected an existing checkpoint in .* overwriting since self.overwrite=True")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -66,6 +68,10 @@ def main(argv: list[str] | None = None) -> None:
         while isinstance(e.__cause__, (ValueError, FileNotFoundError)):
             e = e.__cause__
         _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+    except OSError as e:  # a full disk, a read-only run directory: one line when the error names its path
+        if os.environ.get("EM_DEBUG") or not e.filename:
+            raise
+        _fail(f"{e.filename}: {e.strerror or e}")
 
 
 if __name__ == "__main__":

@@ -89,7 +89,7 @@ class EMFitCLI(LightningCLI):
 
     def _resolve_last(self) -> Path:
         path = self._run_dir() / "checkpoints" / "last.ckpt"
-        if not path.is_file():
+        if not path.exists():  # a file, or a folder of shards (FSDP2)
             raise FileNotFoundError(
                 f"--ckpt_path last: no checkpoint at {path}; resume with --config <run_dir>/config.yaml "
                 "(it pins the run directory) or pass --ckpt_path PATH"

@@ -4,7 +4,8 @@ transformers' models compute logits at every position (batch x seq x vocab, upca
 ignore the unlabelled ones; on chat rows about half the positions are prompt, and the output projection
 is most of a small model's FLOPs. Here the decoder's hidden states are selected at the positions whose
 next token is labelled and only those go through the output head. The sum (not the mean) is returned
-with its token count, so the caller can normalise by a whole optimizer step's count.
+with its token count, so the caller can normalise by a whole optimizer step's count. (An FSDP2-sharded
+model is called whole, keeping logits at the positions where any row of the batch has a label.)
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from peft import PeftModel
+from torch.distributed.fsdp import FSDPModule
 
 from em_lightning.masking import IGNORE_INDEX
 
@@ -38,7 +40,13 @@ def labelled_loss_sum(model: torch.nn.Module, input_ids: torch.Tensor, attention
     targets = labels[:, 1:]
     keep = targets != IGNORE_INDEX
     split = _split(model)
-    if split is None:  # an architecture without decoder/head attributes: full logits, same result
+    if isinstance(model, FSDPModule):
+        # A sharded root gathers its own parameters (embeddings, head) only inside its forward: go through
+        # it, keeping the logits of the positions where any row has a label.
+        cols = keep.any(0).nonzero().squeeze(1)
+        out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=cols)
+        logits = out.logits[keep[:, cols]]
+    elif split is None:  # an architecture without decoder/head attributes: full logits, same result
         logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1][keep]
     else:
         decoder, head = split

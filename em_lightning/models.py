@@ -147,6 +147,10 @@ def load_model(spec: ModelSpec, tokenizer: PreTrainedTokenizerBase | None = None
         )
         if spec.attn_implementation is not None:
             kwargs["attn_implementation"] = spec.attn_implementation
+        if spec.quantization is not None and torch.cuda.is_available():
+            # bitsandbytes places quantized weights while loading: each DDP rank loads its own full copy
+            # onto its own GPU (Lightning has set the process's device by now), not all of them onto GPU 0.
+            kwargs["device_map"] = {"": torch.cuda.current_device()}
         source = resolve_source(spec.name_or_path, spec.gguf_file, spec.revision)
         try:
             model = AutoModelForCausalLM.from_pretrained(source, **kwargs)

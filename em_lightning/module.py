@@ -18,11 +18,12 @@ from em_lightning.adapters import (
     non_text_modules,
     trainable_parameter_count,
 )
-from em_lightning.models import ModelSpec, load_model, load_tokenizer
 from em_lightning.checkpoints import RUN_LIMITS
 from em_lightning.loss import labelled_loss_sum
+from em_lightning.models import ModelSpec, load_model, load_tokenizer
 from em_lightning.resumable import STEP_TOKENS
 from em_lightning.schedule import ScheduleKind, lr_factor, planned_steps, resolve_schedule_steps
+from em_lightning.sharding import ShardingSpec, full, full_state_dict, gather_trainable, is_sharded, shard_model
 
 
 class EMFineTune(pl.LightningModule):
@@ -54,10 +55,24 @@ class EMFineTune(pl.LightningModule):
         warmup_steps: int = 5,
         schedule_steps: int | None = None,
         validate_before_training: bool = True,
+        sharding: ShardingSpec | None = None,
     ):
         super().__init__()
+        # Bad options fail here, named, before a model is loaded or anything is written (0 < x < inf is
+        # False for NaN too).
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < float("inf"):
+            raise ValueError(f"model.lr: expected a positive number, got {lr!r}")
+        if not 0 <= weight_decay < float("inf"):
+            raise ValueError(f"model.weight_decay: expected a number >= 0, got {weight_decay!r}")
+        if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+            raise ValueError(f"model.betas: expected two numbers in [0, 1), got {betas!r}")
+        if warmup_steps < 0:
+            raise ValueError(f"model.warmup_steps: expected an integer >= 0, got {warmup_steps!r}")
+        if schedule_steps is not None and schedule_steps < 1:
+            raise ValueError(f"model.schedule_steps: expected a positive integer or null, got {schedule_steps!r}")
         self.save_hyperparameters()
         self.validate_before_training = validate_before_training
+        self.sharding = sharding or ShardingSpec()
         self.base = base or ModelSpec()
         self.adapter = adapter or AdapterSpec()
         self.model: torch.nn.Module | None = None
@@ -83,6 +98,18 @@ class EMFineTune(pl.LightningModule):
             config = self.model.peft_config[ADAPTER_NAME]
             config.base_model_name_or_path, config.revision = self.base.name_or_path, self.base.revision
         self.model.config.use_cache = False  # no KV cache while training; generation asks for it
+        if self.device_mesh is not None:  # ModelParallelStrategy (configs/strategies/fsdp2.yaml)
+            shard_model(self.model, self.device_mesh["data_parallel"], self.sharding)
+
+    def state_dict(self, *args, **kwargs):
+        # Only trainable tensors: the frozen base is rebuilt from `base`, so a rank-1 checkpoint is KBs
+        # and under FSDP2 only these are gathered (consolidated) or saved and loaded (sharded).
+        state = super().state_dict(*args, **kwargs)
+        prefix = kwargs.get("prefix", "")
+        trainable = {prefix + n for n, p in self.named_parameters() if p.requires_grad}
+        for key in [k for k in state if k not in trainable]:
+            del state[key]
+        return state
 
     def forward(self, input_ids, attention_mask=None, labels=None):
         return self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
@@ -105,8 +132,8 @@ class EMFineTune(pl.LightningModule):
         self.log("train/loss", self._step_loss, on_step=True, prog_bar=True, sync_dist=True, reduce_fx="sum")
         self.log("train/lr", optimizer.param_groups[0]["lr"], on_step=True)
         grads = [p.grad for p in self.trainable_parameters() if p.grad is not None]
-        if grads:
-            self.log("train/grad_norm", torch.nn.utils.get_total_norm(grads), on_step=True)
+        if grads:  # a DTensor under FSDP2: the norm of the whole gradient, gathered on every rank
+            self.log("train/grad_norm", full(torch.nn.utils.get_total_norm(grads)), on_step=True)
         now = time.perf_counter()
         if self._last_step_end is not None:  # tokens of all ranks per second of wall time, step to step
             rate = self._step_tokens.float() / max(now - self._last_step_end, 1e-9)
@@ -170,7 +197,8 @@ class EMFineTune(pl.LightningModule):
         # val/loss: summed token losses over every batch and rank / their token count (token-weighted).
         value = self._reduced_val_loss()
         fitting = self.trainer.state.fn == "fit"
-        self.log("val/loss", value, on_epoch=True, logger=not fitting)  # fit: callbacks, progress bar
+        # Already reduced over ranks; sync_dist only tells Lightning so (the mean of equal values).
+        self.log("val/loss", value, on_epoch=True, logger=not fitting, sync_dist=True)  # fit: callbacks, bar
         if fitting and not self.trainer.sanity_checking:
             self._write_val_loss(value, self.trainer.global_step)
 
@@ -214,26 +242,28 @@ class EMFineTune(pl.LightningModule):
 
     # -- checkpoints and export ----------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        trainable = {n for n, p in self.named_parameters() if p.requires_grad}
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
         # The limits this run was planned with: extending it raises one of them (see fit_cli.py).
         checkpoint[RUN_LIMITS] = {"max_steps": self.trainer.max_steps, "max_epochs": self.trainer.max_epochs}
 
     def on_fit_end(self) -> None:
         run_dir = Path(self.trainer.log_dir)  # broadcast from rank 0: called on every rank
+        state = None
+        if is_sharded(self.model):  # gathered on every rank (collective), written by rank 0
+            state = gather_trainable(self.model) if is_peft(self.model) else full_state_dict(self.model)
         if self.trainer.is_global_zero:
-            export_model(self.model, self.tokenizer, run_dir / "adapter")
+            export_model(self.model, self.tokenizer, run_dir / "adapter", state)
 
 
-def export_model(model: torch.nn.Module, tokenizer, out_dir: Path) -> None:
+def export_model(model: torch.nn.Module, tokenizer, out_dir: Path, state: dict | None = None) -> None:
     """PEFT adapter files (``adapter_config.json`` + ``adapter_model.safetensors``), or for full
-    fine-tuning the whole model and tokenizer via ``save_pretrained``."""
+    fine-tuning the whole model and tokenizer via ``save_pretrained``. ``state``: the gathered tensors of
+    a sharded model (trainable ones for PEFT, the full state dict otherwise)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     if is_peft(model):
         # The vocabulary is never resized here, so PEFT need not look up the base config (a hub request,
         # or an "assume unmodified" warning offline) to decide whether to save the embeddings.
-        model.save_pretrained(out_dir, save_embedding_layers=False)
+        model.save_pretrained(out_dir, state_dict=state, save_embedding_layers=False)
     else:
-        model.save_pretrained(out_dir)
+        model.save_pretrained(out_dir, state_dict=state)
         if tokenizer is not None:
             tokenizer.save_pretrained(out_dir)

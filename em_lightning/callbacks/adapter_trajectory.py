@@ -33,8 +33,9 @@ from em_lightning.callbacks.dashboard import ScalarBuffer, log_scalars, log_text
 from em_lightning.callbacks.events import announce, resolve_run_dir
 from em_lightning.phase import TransitionDetector, TransitionEvent, lora_direction
 from em_lightning.phase.store import TrajectoryWriter
+from em_lightning.sharding import full, is_sharded
 
-_SHARDED = {"FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy"}
+_UNSUPPORTED = {"FSDPStrategy", "DeepSpeedStrategy"}  # FSDP1 / DeepSpeed: parameters flattened per unit
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,8 +76,8 @@ class AdapterTrajectory(pl.Callback):
 
     Rank > 1 adapters are recorded as their top singular direction (``kind: direction`` in meta.json).
     Under DDP every rank holds the same adapter, so each computes metrics and runs the detectors locally
-    (no collective); rank 0 alone writes and logs; events are announced on every rank. FSDP/DeepSpeed
-    (sharded adapters) are not supported yet.
+    (no collective); rank 0 alone writes and logs; events are announced on every rank. FSDP2: shards are
+    gathered on every rank (collective), rank 0 writes. FSDP1/DeepSpeed are refused.
     """
 
     def __init__(self, every_n_steps: int = 1, k_values: list[int] | tuple[int, ...] = (5, 10, 15), detector_k: int = 8,
@@ -135,9 +136,9 @@ class AdapterTrajectory(pl.Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        if type(trainer.strategy).__name__ in _SHARDED:
-            raise ValueError(f"AdapterTrajectory does not support {type(trainer.strategy).__name__} (sharded "
-                             "adapter weights) yet; use DDP or remove the callback")
+        if type(trainer.strategy).__name__ in _UNSUPPORTED:
+            raise ValueError(f"AdapterTrajectory does not support {type(trainer.strategy).__name__}; use DDP or "
+                             "FSDP2 (configs/strategies/fsdp2.yaml), or remove the callback")
         self._dir = resolve_run_dir(trainer) / "trajectory"  # collective: every rank
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -160,13 +161,15 @@ class AdapterTrajectory(pl.Callback):
             self._record(trainer, pl_module, step)
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
-        if not (self.log_grad_norms and self._dir and trainer.is_global_zero):
-            return  # gradients are all-reduced under DDP: rank 0's are everyone's
+        if not (self.log_grad_norms and self._dir):
+            return
         grads = [(f"phase/{name}/{kind}_grad_norm", p.grad) for name, m in self._lora
                  for kind, p in (("A", m.lora_A[ADAPTER_NAME].weight), ("B", m.lora_B[ADAPTER_NAME].weight))
                  if p.grad is not None]
-        if grads:  # one device->host copy of every (tiny) gradient, norms in numpy: few torch calls per step
-            flat = torch.cat([g.detach().reshape(-1) for _, g in grads]).float().cpu().numpy()
+        if grads and (trainer.is_global_zero or is_sharded(pl_module.model)):
+            # DDP: every rank holds the all-reduced gradients, rank 0 reads them. FSDP2: shards, gathered
+            # on every rank (collective). One device->host copy of every (tiny) gradient, norms in numpy.
+            flat = torch.cat([full(g.detach()).reshape(-1) for _, g in grads]).float().cpu().numpy()
             bounds = np.cumsum([0] + [g.numel() for _, g in grads])
             norms = {tag: float(np.linalg.norm(flat[i:j])) for (tag, _), i, j in zip(grads, bounds[:-1], bounds[1:])}
             self._scalars.add(trainer, norms, trainer.global_step)
@@ -216,7 +219,7 @@ class AdapterTrajectory(pl.Callback):
         lora = self._lora or list(lora_layers(pl_module.model))
         factors = [(n, m.lora_A[ADAPTER_NAME].weight, m.lora_B[ADAPTER_NAME].weight) for n, m in lora]
         # One device->host copy for every module, then numpy views: torch calls cost most at this size.
-        flat = torch.cat([t.detach().reshape(-1) for _, a, b in factors for t in (a, b)]).float().cpu().numpy()
+        flat = torch.cat([full(t.detach()).reshape(-1) for _, a, b in factors for t in (a, b)]).float().cpu().numpy()
         out, i = {}, 0
         for name, a, b in factors:
             A, B = flat[i : i + a.numel()], flat[i + a.numel() : i + a.numel() + b.numel()]

@@ -34,12 +34,15 @@ from em_lightning.callbacks.events import announce, resolve_run_dir
 from em_lightning.evaluation.questions import load_questions
 from em_lightning.evaluation.runner import EvalPoint, point_meta, sample_records, write_point
 from em_lightning.evaluation.sampling import SamplingConfig
+from em_lightning.sharding import is_sharded
 
 
-def _generation_context(trainer: pl.Trainer):
-    """(context, synced). FSDP: the root unit's parameters are gathered (the module's forward is called
-    below the root wrapper), inner units gather theirs in each forward, so every rank must take part in
-    every decode step (synced). (Not exercised by the CPU tests.)"""
+def _generation_context(trainer: pl.Trainer, model) -> tuple:
+    """(context, synced): a sharded model needs every rank in every forward, so ranks decode in lockstep
+    until all their rows are done (synced). FSDP2 gathers each unit's parameters in its own forward; FSDP1's
+    root unit is gathered here (its forward is called below the root wrapper; not exercised on CPU)."""
+    if is_sharded(model):
+        return nullcontext(), True
     if isinstance(trainer.strategy, FSDPStrategy):
         from torch.distributed.fsdp import FullyShardedDataParallel
 
@@ -155,7 +158,7 @@ class SampleGenerations(Callback):
             step = self._loaded_step  # the checkpoint's step: its files, tags and sampling seeds
         self.evaluated.add(step)
         model, tokenizer = pl_module.model, pl_module.tokenizer
-        context, synced = _generation_context(trainer)
+        context, synced = _generation_context(trainer, model)
         with context:
             records = sample_records(model, tokenizer, self.questions, self.sampling, step, self.scales, synced)
         settings = {**self.sampling.resolve(model, tokenizer), "scales": self.scales}

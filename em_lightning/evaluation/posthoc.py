@@ -87,16 +87,17 @@ def load_model_for_eval(args, workdir: Path) -> tuple[Any, Any, int, str]:
     if args.run is not None and not (args.run / "config.yaml").is_file():
         raise ValueError(f"--run {args.run}: no config.yaml there (is it a run directory?)")
     if args.ckpt:  # hyperparameters in the checkpoint name the base model and the adapter
-        from em_lightning.checkpoints import checkpoint_global_step
+        from em_lightning.checkpoints import checkpoint_global_step, consolidate
         from em_lightning.module import EMFineTune
 
-        if not args.ckpt.is_file():
+        if not args.ckpt.exists():
             raise ValueError(f"--ckpt {args.ckpt}: no such file")
+        step = args.step if args.step is not None else checkpoint_global_step(args.ckpt)
+        ckpt = consolidate(args.ckpt, workdir / "consolidated.ckpt")  # FSDP2 shards -> one file
         with warnings.catch_warnings():  # "keys missing from the checkpoint": the frozen base, by design
             warnings.simplefilter("ignore")
             # builds the model (configure_model) before loading the trainable weights
-            module = EMFineTune.load_from_checkpoint(args.ckpt, map_location="cpu")
-        step = args.step if args.step is not None else checkpoint_global_step(args.ckpt)
+            module = EMFineTune.load_from_checkpoint(ckpt, map_location="cpu")
         return module.model, module.tokenizer, step, f"checkpoint {args.ckpt}"
     adapter, step, what = args.adapter, args.step, None
     if adapter is None:
