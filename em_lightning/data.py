@@ -11,10 +11,10 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
-from em_lightning.masking import IGNORE_INDEX, tokenize_chat
+from em_lightning.masking import IGNORE_INDEX, ChatTemplateError, tokenize_chat
 from em_lightning.models import ModelSpec, load_tokenizer
 from em_lightning.resumable import ResumableDataLoader, ShardedEpochSampler, epoch_order
-from em_lightning.rows import read_rows
+from em_lightning.rows import DEFAULT_MAX_ROW_BYTES, DataError, read_rows
 
 
 @dataclass
@@ -64,6 +64,9 @@ class ChatDataModule(pl.LightningDataModule):
         shuffle: shuffle training rows each epoch (seeded).
         split_seed: seed of the held-out split and the epoch order.
         template_kwargs: extra chat-template variables, e.g. ``{date_string: 26 Jul 2024}`` for Llama 3.x.
+        max_row_bytes: JSONL lines (or dataset rows' contents) longer than this many bytes are skipped
+            unread and counted, so one huge row cannot exhaust memory; the default 1 MiB is far past any
+            max_length.
         base: the model spec (linked from ``model.base`` by the CLI) whose tokenizer is used.
     """
 
@@ -81,11 +84,17 @@ class ChatDataModule(pl.LightningDataModule):
         shuffle: bool = True,
         split_seed: int = 0,
         template_kwargs: dict | None = None,
+        max_row_bytes: int = DEFAULT_MAX_ROW_BYTES,
         base: ModelSpec | None = None,
     ):
         super().__init__()
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
+        for name, value, least in (("batch_size", batch_size, 1), ("max_length", max_length, 2),
+                                   ("num_workers", num_workers, 0), ("max_row_bytes", max_row_bytes, 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"data.{name}: expected an integer >= {least}, got {value!r}")
+        self.max_row_bytes = max_row_bytes
         self.train_files = [train_files] if isinstance(train_files, str) else list(train_files or [])
         self.dataset, self.dataset_split = dataset, dataset_split
         self.val_fraction, self.system_prompt = val_fraction, system_prompt
@@ -101,13 +110,21 @@ class ChatDataModule(pl.LightningDataModule):
     def load_rows(self) -> list[list[dict]]:
         """Read and validate every row (raises DataError naming file:line); cached."""
         if self._rows is None:
-            self._rows = read_rows(self.train_files, self.dataset, self.dataset_split)
+            oversize: list[str] = []
+            self._rows = read_rows(self.train_files, self.dataset, self.dataset_split, self.max_row_bytes, oversize)
+            if oversize:
+                rank_zero_info(f"data: {len(oversize)} row(s) over data.max_row_bytes={self.max_row_bytes} skipped "
+                               f"unread (first: {oversize[0]})")
         return self._rows
 
     def _encode(self, tokenizer, messages: list[dict]) -> dict | None:
+        where = getattr(messages, "where", "") or "row"  # rows.Row keeps file:line for template errors
         if self.system_prompt and messages[0]["role"] != "system":
             messages = [{"role": "system", "content": self.system_prompt}, *messages]
-        ids, labels = tokenize_chat(tokenizer, messages, self.template_kwargs)
+        try:
+            ids, labels = tokenize_chat(tokenizer, messages, self.template_kwargs)
+        except ChatTemplateError as e:
+            raise DataError(f"{where}: template: {e}") from None
         if len(ids) > self.max_length:
             if self.overlength == "drop":
                 self.stats.dropped += 1

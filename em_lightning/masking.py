@@ -9,15 +9,23 @@ A token carries a label when its first character lies inside an assistant span.
 
 from __future__ import annotations
 
+from jinja2 import TemplateError
 from transformers import PreTrainedTokenizerBase
 
 IGNORE_INDEX = -100
 
 
+class ChatTemplateError(ValueError):
+    """The chat template refused or mis-rendered a conversation (the caller adds the row's file:line)."""
+
+
 def _render(tokenizer: PreTrainedTokenizerBase, messages: list[dict], generation_prompt: bool, kwargs: dict) -> str:
-    return tokenizer.apply_chat_template(
-        messages, tokenize=False, add_generation_prompt=generation_prompt, **kwargs
-    )
+    try:
+        return tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=generation_prompt, **kwargs
+        )
+    except TemplateError as e:  # e.g. Gemma's raise_exception('Conversation roles must alternate ...')
+        raise ChatTemplateError(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
 
 
 def assistant_char_spans(
@@ -33,8 +41,8 @@ def assistant_char_spans(
         before = _render(tokenizer, messages[:i], True, kwargs) if i else ""
         through = _render(tokenizer, messages[: i + 1], False, kwargs).rstrip()
         if not (full.startswith(before) and full.startswith(through) and len(before) < len(through)):
-            raise ValueError(
-                "chat template is not prefix-stable (rendering a conversation's first turns is not a prefix "
+            raise ChatTemplateError(
+                "not prefix-stable (rendering a conversation's first turns is not a prefix "
                 "of rendering all of it); assistant-only labels cannot be located"
             )
         spans.append((len(before), len(through)))
