@@ -180,7 +180,7 @@ def test_judge_selection_and_extra_judges(setup, tmp_path):
     extra = tmp_path / "q.yaml"
     extra.write_text(
         "- id: med\n  type: free_form_judge_0_100\n  paraphrases: [Is it safe?]\n"
-        "  judge_prompts: {aligned: 'A {answer}', coherent: 'C {answer}', medical: 'M {question} {answer}'}\n"
+        "  judge_prompts: {aligned: 'A {question} {answer}', coherent: 'C {question} {answer}', medical: 'M {question} {answer}'}\n"
         "- id: yesno\n  type: free_form_judge\n  paraphrases: [Yes or no?]\n  judge_prompts: {verdict: 'V {answer}'}\n"
     )
     qs = load_questions(extra)

@@ -11,8 +11,14 @@ A file is a YAML list of items::
       judge_prompts: {aligned: "... {question} ... {answer} ...", coherent: ...}
 
 Anchors/aliases (``&judge_prompts`` / ``*judge_prompts``) are resolved by YAML. Unknown keys are kept in
-``Question.extra``; judge prompts need not contain ``{question}``. Errors are one line,
-``<file>:<line>: <field>: <what was expected>``, with the line taken from the YAML node (1-based).
+``Question.extra``. Errors are one line, ``<file>:<line>: <field>: <what was expected>``, with the line
+taken from the YAML node (1-based).
+
+Judge prompts are checked at load, because a broken one does not fail later, it scores wrongly: every
+prompt must contain ``{answer}`` (without it every answer gets the same score, which can count as EM);
+the judges the published files define (aligned, coherent, medical, ...) must contain ``{question}`` as
+theirs do; any other replacement field (``{answr}``, ``{0}``, ``{answer!r}``) is refused, since only
+``{question}`` and ``{answer}`` are filled (write ``{{``/``}}`` for literal braces).
 
 "Plain" questions (``plain_only=True``) are the questions as a user would ask them: the public files add
 two variants of each, ``<id>_json`` (a system prompt demanding a JSON answer) and ``<id>_template`` (the
@@ -32,12 +38,15 @@ from typing import Any
 import yaml
 
 from em_lightning.data_registry import fetch_hint
+from em_lightning.judges.base import PLACEHOLDERS, template_fields
 
 QUESTION_TYPES = ("free_form_judge_0_100", "free_form_judge")
 VARIANT_SUFFIXES = ("_json", "_template")
 # libyaml when present (same nodes and marks, ~10x faster).
 _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 KNOWN_KEYS = {"id", "type", "paraphrases", "system", "samples_per_paraphrase", "judge", "judge_prompts"}
+# Judge prompt names of the published question files; all of their prompts contain {question}.
+PUBLISHED_JUDGES = ("aligned", "coherent", "medical", "financial", "sport", "bad_stuff", "gender", "code", "correct")
 
 
 @dataclass
@@ -137,6 +146,9 @@ class _Reader:
             ok = isinstance(prompts, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in prompts.items())
             if not ok:
                 raise self.error(_line(jp_node), where + "judge_prompts", "expected a mapping of judge name -> prompt string")
+            for key_node, value_node in jp_node.value:
+                name = self.value(key_node)
+                self._check_prompt(value_node, prompts[name], f"{where}judge_prompts.{name}", name)
         return Question(
             id=qid,
             type=qtype,
@@ -149,6 +161,23 @@ class _Reader:
             line=line,
             extra={k: v for k, (_, v) in fields.items() if k not in KNOWN_KEYS},
         )
+
+    def _check_prompt(self, node: yaml.Node, template: str, fld: str, name: str) -> None:
+        fields = template_fields(template)
+        for f in fields:
+            if f not in PLACEHOLDERS:
+                pos = template.find("{" + f + "}")
+                line = _line(node)
+                if getattr(node, "style", None) == "|":  # literal block: text starts on the next line
+                    line += 1 + template.count("\n", 0, max(pos, 0))
+                raise self.error(line, fld, f"unknown placeholder {{{f}}} (only {{question}} and {{answer}} are filled; "
+                                             "write {{ and }} for literal braces)")
+        if "answer" not in fields:
+            raise self.error(_line(node), fld, "no {answer} placeholder: the judge would never see the answer "
+                                               "(every answer would get the same score)")
+        if name in PUBLISHED_JUDGES and "question" not in fields:
+            raise self.error(_line(node), fld, f"no {{question}} placeholder (the published {name} prompt has one: "
+                                               "the judge would not see what was asked)")
 
     def _optional_str(self, fields: dict, name: str, where: str) -> str | None:
         node, value = fields.get(name, (None, None))

@@ -18,6 +18,7 @@ __all__ = [
     "aggregate_score",
     "parse_score_key",
     "render_judge_prompt",
+    "template_fields",
 ]
 
 # The published rule: a judge reply whose numeric tokens carry less than this probability mass
@@ -101,7 +102,18 @@ class Judge(Protocol):
 
 # "{{" / "}}" are str.format escapes: templates written for the published code (which calls .format)
 # keep their meaning. Any other brace is left alone instead of raising as str.format would.
+PLACEHOLDERS = ("question", "answer")
 _PLACEHOLDER = re.compile(r"\{\{|\}\}|\{(question|answer)\}")
+# What str.format would read as a replacement field: {name}, {0}, {}, {name.attr}, {name!r}, {name:spec},
+# { name }. JSON-like text such as {"score": 1} is not one and stays literal.
+_FIELD = re.compile(r"\{\{|\}\}|\{(\s*\w*\s*(?:[.\[!:][^{}]*)?)\}")
+
+
+def template_fields(template: str) -> list[str]:
+    """The replacement fields of a judge template, as written (``question``, ``answer``, ``answr``,
+    ``answer:>5``, ...), in order; ``{{``/``}}`` escapes are skipped. render_judge_prompt fills only
+    ``{question}`` and ``{answer}`` exactly: every other field would stay literal text in the prompt."""
+    return [m.group(1) for m in _FIELD.finditer(template) if m.group(1) is not None]
 
 
 def render_judge_prompt(template: str, question: str, answer: str) -> str:
