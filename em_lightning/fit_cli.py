@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from em_lightning.callbacks.checkpointing import StepCheckpoint
+from em_lightning.atomic_io import TMP_MARK, remove_stale_temporaries
+from em_lightning.callbacks.checkpointing import AtomicCheckpointIO, StepCheckpoint
+from em_lightning.checkpoint_check import check_resume_checkpoint
 from em_lightning.callbacks.progress import StepProgressBar
 from em_lightning.checkpoints import checkpoint_global_step, checkpoint_run_limits
 from em_lightning.data import ChatDataModule
 from em_lightning.module import EMFineTune
+from em_lightning.run_dir import RunDirLock, reserve_version
 
 DEFAULT_RUNS_DIR = "runs"
 LOGGER = "lightning.pytorch.loggers.TensorBoardLogger"
@@ -28,7 +33,15 @@ class PinnedRunConfig(SaveConfigCallback):
         logger_cfg = self.config.get("trainer", {}).get("logger")
         if trainer.logger is not None and logger_cfg is not None and "init_args" in logger_cfg:
             logger_cfg.init_args.version = trainer.logger.version
-        super().setup(trainer, pl_module, stage)
+        # Written under a temporary name, then renamed: a crash mid-write keeps the previous config.yaml.
+        log_dir = trainer.log_dir  # collective (a broadcast): every rank
+        final, self.config_filename = self.config_filename, f"{self.config_filename}{TMP_MARK}{os.getpid()}"
+        try:
+            super().setup(trainer, pl_module, stage)
+        finally:
+            tmp, self.config_filename = Path(log_dir, self.config_filename), final
+        if trainer.is_global_zero and tmp.is_file():
+            os.replace(tmp, Path(log_dir, final))
 
 
 class EMFitCLI(LightningCLI):
@@ -55,7 +68,10 @@ class EMFitCLI(LightningCLI):
         callbacks = list(trainer_cfg.get("callbacks") or [])
         if trainer_cfg.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
             trainer_cfg["callbacks"] = [*callbacks, StepProgressBar()]
-        return super().instantiate_trainer(**kwargs)
+        trainer = super().instantiate_trainer(**kwargs)
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # a user's own CheckpointIO stays
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        return trainer
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("model.base", "data.base")
@@ -74,18 +90,43 @@ class EMFitCLI(LightningCLI):
         return Path(self.trainer.logger.log_dir)
 
     def before_fit(self) -> None:
-        self.datamodule.load_rows()  # bad rows fail here, on every rank, before anything is written
+        self._check_inputs()
         cfg = self.config_init[self.subcommand]
-        if cfg.get("ckpt_path") == "last":
-            cfg["ckpt_path"] = str(self._resolve_last())
         if cfg.get("ckpt_path"):
             self._continue_curves(Path(cfg["ckpt_path"]))
             self._apply_extension_policy(Path(cfg["ckpt_path"]))
+        self._claim_run_dir()
 
     def before_validate(self) -> None:
+        self._check_inputs()
+        self._claim_run_dir()
+
+    def _check_inputs(self) -> None:
+        """Bad inputs fail here, on every rank, before anything is written: rows (file:line), the chat
+        template on every row and the tokenizer (a missing model path or hub id), the checkpoint to resume
+        from. (Question files were checked when the callbacks were built, options by their classes.)"""
+        self.datamodule.load_rows()
+        self.datamodule.setup(self.subcommand)  # encodes every row; Lightning's own setup call then returns
         cfg = self.config_init[self.subcommand]
-        if cfg.get("ckpt_path") == "last":
+        asked = cfg.get("ckpt_path")
+        if asked == "last":
             cfg["ckpt_path"] = str(self._resolve_last())
+        if cfg.get("ckpt_path"):
+            check_resume_checkpoint(cfg["ckpt_path"], resolved_from_last=asked == "last")
+
+    def _claim_run_dir(self) -> None:
+        """One writer per run directory. Rank 0 creates a fresh run's ``version_N`` exclusively (two runs
+        started at once get two versions) and holds ``<run_dir>/.lock`` until it exits, so a resume of a
+        directory a live process holds is refused. Other ranks get rank 0's directory through
+        ``trainer.log_dir`` (a broadcast), as every callback asks for it."""
+        if self.trainer.global_rank != 0:
+            return
+        logger = self.trainer.logger
+        if logger is not None and hasattr(logger, "root_dir") and getattr(logger, "_version", 0) is None:
+            logger._version = reserve_version(logger.root_dir)  # TensorBoard/CSV loggers pick it lazily: pin it
+        run_dir = Path(self.trainer.log_dir)  # no process group yet: the local value, no broadcast
+        self._run_dir_lock = RunDirLock(run_dir)
+        remove_stale_temporaries(run_dir)  # what a killed writer left; no other writer can be alive now
 
     def _resolve_last(self) -> Path:
         path = self._run_dir() / "checkpoints" / "last.ckpt"

@@ -1,9 +1,31 @@
-"""Step checkpoints plus a ``last.ckpt`` that always holds the final step when fit ends."""
+"""Step checkpoints plus a ``last.ckpt`` that always holds the final step when fit ends, written atomically."""
 
 from __future__ import annotations
 
+import functools
+from pathlib import Path
+
 import lightning.pytorch as pl
+import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
+
+from em_lightning.atomic_io import atomic_write
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """TorchCheckpointIO that writes a temporary file next to the checkpoint, fsyncs and renames it.
+
+    Lightning's own save goes through fsspec, which stages the file in the system temp dir and, when that
+    is another file system (a tmpfs /tmp), copies it into place: a full disk or a kill mid-copy left a
+    truncated checkpoint under its final name. Here the previous checkpoint (or none) survives, and a
+    failure is an OSError naming the checkpoint. fit_cli installs it; remote URLs keep Lightning's path.
+    """
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        if storage_options is not None or "://" in str(path):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        atomic_write(Path(path), functools.partial(torch.save, checkpoint))
 
 
 class StepCheckpoint(ModelCheckpoint):
@@ -19,6 +41,10 @@ class StepCheckpoint(ModelCheckpoint):
             save_top_k: how many step checkpoints to keep (-1: all; rank-1 checkpoints are KBs).
             save_weights_only: drop optimizer and loop state (such a checkpoint cannot resume exactly).
         """
+        if isinstance(every_n_train_steps, bool) or not isinstance(every_n_train_steps, int) or every_n_train_steps < 1:
+            raise ValueError(f"checkpoint.every_n_train_steps: expected a positive integer, got {every_n_train_steps!r}")
+        if save_top_k < -1:
+            raise ValueError(f"checkpoint.save_top_k: expected -1 (all) or a count >= 0, got {save_top_k}")
         super().__init__(
             filename="step_{step:07d}",
             auto_insert_metric_name=False,

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -33,6 +32,7 @@ from typing import Any
 import torch.distributed as dist
 
 from em_lightning.adapters import lora_layers, scaled_adapter
+from em_lightning.atomic_io import atomic_write
 from em_lightning.evaluation.metrics import em_summary, is_em
 from em_lightning.evaluation.questions import Question
 from em_lightning.evaluation.sampling import SamplingConfig, build_requests, generate_sharded, shard_indices
@@ -239,10 +239,9 @@ def json_safe(value: Any) -> Any:
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)  # readers never see a half-written file
+    # Temporary file in the same folder, fsynced, renamed: a resumed run or a reader never sees half a
+    # point; a full disk is one OSError naming the file.
+    atomic_write(path, text)
 
 
 def write_point(

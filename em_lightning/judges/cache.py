@@ -9,6 +9,7 @@ aggregate_score on read, so a change of the scoring rule needs no new call.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import sqlite3
@@ -45,11 +46,14 @@ class JudgeCache:
     def __init__(self, path: str | Path, wal: bool = True) -> None:
         self.path = Path(path)
         self.wal = wal
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OSError(exc.errno, f"judge cache: {exc.strerror}", str(self.path.parent)) from None
         try:
             self._create()
-        except sqlite3.OperationalError:  # locked or unwritable: a real problem, not a bad file
-            raise
+        except sqlite3.OperationalError as exc:  # locked or unwritable: a real problem, not a bad file
+            raise self._os_error(exc) from None
         except sqlite3.DatabaseError as exc:  # not a database: a cache is disposable, start a new one
             aside = self.path.with_name(f"{self.path.name}.corrupt-{int(time.time())}")
             warnings.warn(f"judge cache {self.path} is unreadable ({exc}); moved to {aside}", stacklevel=2)
@@ -58,6 +62,13 @@ class JudgeCache:
 
     def __repr__(self) -> str:
         return f"JudgeCache({str(self.path)!r})"
+
+    def _os_error(self, exc: sqlite3.OperationalError) -> OSError:
+        """A full disk or a read-only folder as an OSError naming the file (one line from cli.py); each
+        put is one transaction, so the entries already stored stay intact."""
+        text = str(exc)
+        code = errno.ENOSPC if "full" in text else errno.EROFS if "readonly" in text else errno.EIO
+        return OSError(code, f"judge cache: {text}", str(self.path))
 
     def _connect(self) -> sqlite3.Connection:
         # A connection per operation: sqlite3 connections may not cross threads.
@@ -125,6 +136,8 @@ class JudgeCache:
         try:
             with con:  # one transaction: all rows or none
                 con.executemany("INSERT OR REPLACE INTO judgements VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+        except sqlite3.OperationalError as exc:
+            raise self._os_error(exc) from None
         finally:
             con.close()
         return len(rows)

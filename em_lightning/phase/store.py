@@ -30,6 +30,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from em_lightning.atomic_io import atomic_write, named
+
 INDEX = "index.jsonl"
 META = "meta.json"
 _F32 = 4  # bytes per float32
@@ -86,9 +88,7 @@ def _read_meta(directory: Path) -> dict:
 
 
 def _write_json_atomic(path: Path, obj: dict) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
-    os.replace(tmp, path)  # readers see the old or the new file, never half of one
+    atomic_write(path, json.dumps(obj, indent=1, sort_keys=True))  # readers see the old or the new file
 
 
 def _complete(directory: Path, modules: dict, n: int) -> int:
@@ -176,15 +176,19 @@ class TrajectoryWriter:
         elif shapes != modules:
             raise ValueError(f"record modules/shapes {shapes} differ from the trajectory's {modules}")
         self._open()
-        for name, (a, b) in vectors.items():
-            fa, fb = self._files[name]
-            fa.write(_f32_bytes(a))
-            fb.write(_f32_bytes(b))
-        for fa, fb in self._files.values():
-            self._flush(fa)
-            self._flush(fb)
-        self._index.write((json.dumps({"step": step, "record": len(self._steps)}) + "\n").encode())
-        self._flush(self._index)
+        f = None
+        try:  # a full disk: one OSError naming the file; the torn tail is cut when the writer reopens
+            for name, (a, b) in vectors.items():
+                for f, v in zip(self._files[name], (a, b)):
+                    f.write(_f32_bytes(v))
+            for pair in self._files.values():
+                for f in pair:
+                    self._flush(f)
+            f = self._index
+            f.write((json.dumps({"step": step, "record": len(self._steps)}) + "\n").encode())
+            self._flush(f)
+        except OSError as e:
+            raise named(e, f.name if f is not None else self.directory) from None
         self._steps.append(step)
 
     def truncate_after(self, step: int) -> None:
