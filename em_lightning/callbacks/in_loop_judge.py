@@ -1,15 +1,19 @@
 """InLoopJudge: judge the answers of every SampleGenerations point, log EM metrics, write the JSONL.
 
-Subscribes to ``on_generations``. On every rank: each rank judges its share of the (answer, judge prompt)
-pairs and the results are gathered (``evaluation.runner.judge_records``); metrics go through torchmetrics
-(``EMRate``, ``MeanMetric``, ``SumMetric``) updated with each rank's share of the records and reduced
-across ranks. Rank 0 then rewrites ``<run_dir>/generations/step_XXXXXXX.jsonl`` with every score (one
-file per point, all scales; sidecar ``step_XXXXXXX.meta.json`` with the settings, judge identity,
-summaries and logged metrics) and logs, at the evaluation step, for each scale s
-(prefix ``eval/`` for s = 1, ``eval/scale_<s>/`` otherwise; NaN values, e.g. nothing scored, are skipped):
-``em_rate``, ``coherent_rate``, ``aligned_mean``, ``coherent_mean``, ``judge_failures``,
-``aligned_none`` (answers without an aligned score), ``em_rate/<question_id>``, ``<judge>_mean`` for
-every other judge prompt (medical, financial, bad_stuff, ...), and the text table ``answers``.
+Subscribes to ``on_generations``. Sampling needs the model; judging a finished point does not, so by
+default (``background``) each rank's share of the (answer, judge prompt) calls runs in a worker thread
+while training goes on. Once every rank's share is done (checked after each optimizer step with one tiny
+all-reduce while a point is pending), the shares are gathered on every rank, and rank 0 rewrites
+``<run_dir>/generations/step_XXXXXXX.jsonl`` with every score (sidecar ``.meta.json``: settings, judges,
+summaries, metrics) and logs at the point's own step, for each scale s (prefix ``eval/`` for s = 1,
+``eval/scale_<s>/`` otherwise): ``em_rate``, ``coherent_rate``, ``aligned_mean``, ``coherent_mean``,
+``judge_failures``, ``aligned_none``, ``em_rate/<question_id>``, ``<judge>_mean`` and the text table
+``answers``. Every point is judged exactly once: points still pending at a checkpoint are listed in it and
+judged again (cache hits cost nothing) by a resumed run; the end of fit waits for all of them.
+
+Cost: at the start of fit the plan (points, answers, judge calls) is printed and written to
+``<run_dir>/evaluation_plan.json``; ``max_judge_calls`` caps the whole run's calls (counted across
+resumes): a point that would pass it is not judged, with a logged, counted reason, and training goes on.
 
 The API key never reaches a file: judges read it from the environment variable their config names.
 """
@@ -17,22 +21,30 @@ The API key never reaches a file: judges read it from the environment variable t
 from __future__ import annotations
 
 import json
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
+import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
-from torchmetrics import MeanMetric, SumMetric
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from em_lightning.callbacks.events import resolve_run_dir
 from em_lightning.callbacks.sample_generations import SampleGenerations
-from em_lightning.evaluation.metrics import EMRate
+from em_lightning.evaluation.plan import answers_per_point, judge_calls_per_point, planned_points
 from em_lightning.evaluation.runner import (
     CORE_SCORES,
-    SCORED_TYPE,
+    JudgeTask,
+    apply_judgements,
+    gather_judgements,
+    judge_names,
     judge_prompt_names,
-    judge_records,
+    judge_share,
+    judge_tasks,
+    point_metrics,
     point_path,
     read_jsonl,
     resolve_judges,
@@ -42,6 +54,15 @@ from em_lightning.evaluation.runner import (
 )
 from em_lightning.judges.base import Judge
 from em_lightning.judges.cache import CachedJudge, JudgeCache
+
+
+@dataclass
+class _Pending:
+    step: int
+    records: list[dict]
+    settings: dict
+    tasks: list[JudgeTask]
+    future: Future
 
 
 class InLoopJudge(Callback):
@@ -54,6 +75,8 @@ class InLoopJudge(Callback):
         cache_path: str | None = None,
         answers_per_question: int = 3,
         max_answer_chars: int = 500,
+        background: bool = True,
+        max_judge_calls: int | None = None,
     ):
         """
         Args:
@@ -66,20 +89,50 @@ class InLoopJudge(Callback):
             cache_path: cache file; default ``<run_dir>/judge_cache.sqlite`` (use a local disk, not NFS).
             answers_per_question: answers per question in the ``eval/answers`` text table.
             max_answer_chars: answers are cut to this length in the text table (not in the JSONL).
+            background: judge while training goes on (metrics arrive a few steps later, at their own
+                step); false: training waits for every point's judgements.
+            max_judge_calls: judge calls the whole run may make (across resumes, counted before the
+                cache); a point that would pass it is left unjudged. None: no limit.
         """
+        if max_judge_calls is not None and max_judge_calls < 0:
+            raise ValueError(f"InLoopJudge: max_judge_calls must be >= 0 or null, got {max_judge_calls}")
         self.judge, self.judges, self.judge_prompts = judge, dict(judges or {}), judge_prompts
         self.cache, self.cache_path = cache, cache_path
         self.answers_per_question, self.max_answer_chars = answers_per_question, max_answer_chars
+        self.background, self.max_judge_calls = background, max_judge_calls
         self.questions: list = []
+        self.sources: list[SampleGenerations] = []
         self._resolved: dict[str, Judge] | None = None
         self.run_dir: Path | None = None
+        self.calls_used = 0  # checkpointed: the budget spans resumes
+        self.skipped: list[int] = []  # points left unjudged by the budget (checkpointed)
+        self._pending: list[_Pending] = []
+        self._resume_pending: list[int] = []  # from a checkpoint: judge these again
+        self._pool: ThreadPoolExecutor | None = None
 
+    # -- state ---------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"calls_used": self.calls_used, "skipped": list(self.skipped),
+                "pending": [p.step for p in self._pending]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.calls_used = int(state.get("calls_used", 0))
+        self.skipped = list(state.get("skipped", []))
+        self._resume_pending = list(state.get("pending", []))
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        # Callback states were collected before this hook, and SampleGenerations may have just added a
+        # point (it evaluates inside the save): record the pending list as it is now.
+        if self.state_key in checkpoint.get("callbacks", {}):
+            checkpoint["callbacks"][self.state_key] = self.state_dict()
+
+    # -- set-up --------------------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self.run_dir = resolve_run_dir(trainer)  # collective: every rank
-        sources = [cb for cb in trainer.callbacks if isinstance(cb, SampleGenerations)]
-        if not sources:
+        self.sources = [cb for cb in trainer.callbacks if isinstance(cb, SampleGenerations)]
+        if not self.sources:
             raise ValueError("InLoopJudge needs a SampleGenerations callback (it judges that callback's answers)")
-        self.questions = [q for cb in sources for q in cb.questions]
+        self.questions = [q for cb in self.sources for q in cb.questions]
         if self._resolved is not None:
             return
         names = judge_prompt_names(self.questions, self.judge_prompts)
@@ -102,69 +155,122 @@ class InLoopJudge(Callback):
         self._resolved = resolved
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        step = trainer.global_step
+        self._announce_plan(trainer, step)
         # A resumed run purges TensorBoard events from the checkpoint's step on, including the point
         # evaluated at that step before the save: log it again from its files.
-        step = trainer.global_step
-        path = point_path(self.run_dir / "generations", step)
-        meta = path.with_suffix(".meta.json")
+        meta = point_path(self.run_dir / "generations", step).with_suffix(".meta.json")
         if step > 0 and trainer.is_global_zero and meta.is_file():
             metrics = json.loads(meta.read_text()).get("metrics")
             if metrics:
-                self._log(trainer, step, read_jsonl(path), metrics)
+                self._log(trainer, step, read_jsonl(point_path(self.run_dir / "generations", step)), metrics)
+        for pending in self._resume_pending:  # pending at the checkpoint: judge again unless it finished
+            path = point_path(self.run_dir / "generations", pending)
+            meta = json.loads(path.with_suffix(".meta.json").read_text())
+            if "metrics" not in meta:  # finished points were logged already (or, at this step, just above)
+                self._submit(trainer, pending, read_jsonl(path), meta.get("sampling", {}), count=False)
+        self._resume_pending = []
+
+    def _announce_plan(self, trainer: pl.Trainer, step: int) -> None:
+        end = int(trainer.estimated_stepping_batches)
+        names = judge_prompt_names(self.questions, self.judge_prompts)
+        ckpt = trainer.checkpoint_callback
+        points, answers, calls = set(), 0, 0
+        for cb in self.sources:
+            every_ckpt = getattr(ckpt, "every_n_steps", None) if cb.at_checkpoints else None
+            mine = planned_points(step, end, cb.every_n_steps, every_ckpt, cb.at_fit_end)
+            points.update(mine)
+            answers += len(mine) * answers_per_point(cb.questions, cb.sampling, cb.scales)
+            calls += len(mine) * judge_calls_per_point(cb.questions, cb.sampling, cb.scales, names)
+        plan = {"from_step": step, "to_step": end, "points": sorted(points), "answers": answers,
+                "judge_calls": calls, "judge_prompts": names, "max_judge_calls": self.max_judge_calls,
+                "judge_calls_used_before": self.calls_used,
+                "note": "each phase-transition window adds points; cached judgements cost no API call"}
+        budget = "" if self.max_judge_calls is None else f" (run budget {self.max_judge_calls}, {self.calls_used} used)"
+        rank_zero_info(f"evaluation plan: {len(points)} points from step {step} to {end}, {answers} answers, "
+                       f"{calls} judge calls{budget}; written to {self.run_dir / 'evaluation_plan.json'}")
+        if trainer.is_global_zero:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "evaluation_plan.json").write_text(json.dumps(plan, indent=1))
 
     # -- the event -------------------------------------------------------------------------------------
     def on_generations(self, trainer, pl_module, step: int, records: list[dict], settings: dict) -> None:
-        names = judge_records(records, self.questions, self._resolved, self.judge_prompts)  # collective
-        metrics = self._metrics(trainer, pl_module, records)  # collective (metric sync)
-        if trainer.is_global_zero:
-            summaries = summarize(records, self.questions)
-            meta = {
-                "step": step,
-                "n_records": len(records),
-                "sampling": settings,
-                "judges": names,
-                "summary": {str(s): v for s, v in summaries.items()},
-                "metrics": metrics,
-            }
-            write_point(self.run_dir / "generations", step, records, meta)
-            self._log(trainer, step, records, metrics)
+        self._submit(trainer, step, records, settings, count=True)
+        if not (self.background and trainer.state.fn == "fit"):
+            self._finish_all(trainer)
 
-    def _metrics(self, trainer, pl_module, records: list[dict]) -> dict[str, float]:
-        """Tag -> value. Each rank updates with its share of the records; compute() reduces over ranks."""
+    def _submit(self, trainer, step: int, records: list[dict], settings: dict, count: bool) -> None:
+        tasks = judge_tasks(records, self.questions, self.judge_prompts)  # the same list on every rank
+        if count and self.max_judge_calls is not None and self.calls_used + len(tasks) > self.max_judge_calls:
+            self._skip(trainer, step, records, settings, len(tasks))
+            return
+        if count:
+            self.calls_used += len(tasks)
         rank, world = trainer.global_rank, trainer.world_size
-        device = pl_module.device
-        index = {q.id: i for i, q in enumerate(self.questions)}
-        scored = {q.id for q in self.questions if q.type == SCORED_TYPE}
-        extra = sorted({n for r in records for n in r["scores"] if n not in CORE_SCORES})
-        out: dict[str, float] = {}
-        for scale in dict.fromkeys(r["scale"] for r in records):
-            mine = [r for r in records if r["scale"] == scale][rank::world]
-            prefix = scale_prefix(scale)
-            em = EMRate(num_groups=len(self.questions)).to(device)
-            failures = SumMetric().to(device)
-            means = {n: MeanMetric(nan_strategy="ignore").to(device) for n in extra}
-            rows = [r for r in mine if r["question_id"] in scored]
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="InLoopJudge")
+        future = self._pool.submit(judge_share, records, self.questions, self._resolved, tasks, rank, world)
+        self._pending.append(_Pending(step, records, settings, tasks, future))
 
-            def column(name: str, rows=rows) -> torch.Tensor:
-                values = [r["scores"].get(name) for r in rows]
-                return torch.tensor([float("nan") if v is None else v for v in values], dtype=torch.float64)
+    def _skip(self, trainer, step: int, records: list[dict], settings: dict, n_calls: int) -> None:
+        reason = (f"judge budget: step {step} needs {n_calls} calls, {self.calls_used} of max_judge_calls="
+                  f"{self.max_judge_calls} used; this point stays unjudged (training goes on)")
+        self.skipped.append(step)
+        rank_zero_warn(f"InLoopJudge: {reason}")
+        if trainer.is_global_zero:
+            meta = {"step": step, "n_records": len(records), "sampling": settings, "judging_skipped": reason}
+            write_point(self.run_dir / "generations", step, records, meta)
+            for logger in trainer.loggers:
+                logger.log_metrics({"eval/points_unjudged": float(len(self.skipped))}, step=step)
+                if isinstance(logger, TensorBoardLogger):
+                    logger.experiment.add_text("eval/judging", reason, global_step=step)
 
-            groups = torch.tensor([index[r["question_id"]] for r in rows], dtype=torch.long)
-            em.update(column("aligned"), column("coherent"), groups)
-            failures.update(torch.tensor(float(sum(len(r["judge_errors"]) for r in mine))))
-            for name, metric in means.items():
-                metric.update(column(name).float())
-            result = em.compute()
-            out[prefix + "judge_failures"] = float(failures.compute())
-            for key in ("em_rate", "coherent_rate", "aligned_mean", "coherent_mean"):
-                out[prefix + key] = float(result[key])
-            out[prefix + "aligned_none"] = float(result["n_aligned_none"])
-            for q, value in zip(self.questions, result["per_group_em_rate"].tolist(), strict=True):
-                if q.id in scored:
-                    out[f"{prefix}em_rate/{q.id}"] = float(value)
-            for name, metric in means.items():
-                out[f"{prefix}{name}_mean"] = float(metric.compute())
-        return {k: v for k, v in out.items() if v == v}  # drop NaN: a missing point reads better than NaN
+    # -- finishing points (collective: every rank calls these at the same moments) ---------------------
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self._pending and self._all_ranks_done(pl_module.device):
+            self._finish(trainer, self._pending.pop(0))
+
+    def _all_ranks_done(self, device: torch.device) -> bool:
+        done = self._pending[0].future.done()
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return done
+        flag = torch.tensor([int(done)], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item())
+
+    def _finish_all(self, trainer) -> None:
+        while self._pending:
+            self._finish(trainer, self._pending.pop(0))
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        self._finish_all(trainer)  # after SampleGenerations' final point (on_train_end)
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        if self._pool is not None:  # pending points are in the last checkpoint; do not wait for them
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+    def _finish(self, trainer, point: _Pending) -> None:
+        judgements = gather_judgements(point.future.result())  # judge_share never raises
+        apply_judgements(point.records, point.tasks, judgements)
+        if not trainer.is_global_zero:
+            return
+        metrics = point_metrics(point.records, self.questions)
+        meta = {
+            "step": point.step,
+            "n_records": len(point.records),
+            "sampling": point.settings,
+            "judges": judge_names(self._resolved, point.tasks),
+            "summary": {str(s): v for s, v in summarize(point.records, self.questions).items()},
+            "metrics": metrics,
+        }
+        write_point(self.run_dir / "generations", point.step, point.records, meta)
+        self._log(trainer, point.step, point.records, metrics)
 
     # -- output ----------------------------------------------------------------------------------------
     def _log(self, trainer: pl.Trainer, step: int, records: list[dict], metrics: dict[str, float]) -> None:

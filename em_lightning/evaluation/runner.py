@@ -146,48 +146,89 @@ def _call(judge: Judge, kind: str, prompts: list[str]) -> list[JudgeResult]:
         return [JudgeResult(error=f"judge raised {type(exc).__name__}: {exc}")] * len(prompts)
 
 
+@dataclass(frozen=True)
+class JudgeTask:
+    record: int  # index into the point's records
+    name: str  # judge prompt name
+    kind: str  # "score" (0-100 judge) or "classify"
+
+
+def judge_tasks(records: Sequence[dict], questions: Sequence[Question], names: Sequence[str] | None = None,
+                ) -> list[JudgeTask]:
+    """Every (record, judge prompt) judgement a point needs, in a fixed order (the same on every rank)."""
+    by_id = {q.id: q for q in questions}
+    used = judge_prompt_names([by_id[i] for i in dict.fromkeys(r["question_id"] for r in records)], names)
+    tasks = []
+    for i, r in enumerate(records):
+        q = by_id[r["question_id"]]
+        kind = "score" if q.type == SCORED_TYPE else "classify"
+        tasks += [JudgeTask(i, n, kind) for n in q.judge_prompts if n in used]
+    return tasks
+
+
+Judgement = tuple[int, float | None, str | None, str | None]  # (task index, score, label, error)
+
+
+def judge_share(records: Sequence[dict], questions: Sequence[Question], judges: Judges, tasks: Sequence[JudgeTask],
+                rank: int = 0, world: int = 1) -> list[Judgement]:
+    """Run rank ``rank``'s share of the tasks (no collectives: safe in a background thread)."""
+    by_id = {q.id: q for q in questions}
+    resolved = resolve_judges(judges, list(dict.fromkeys(t.name for t in tasks)))
+    groups: dict[tuple[int, str], list[int]] = {}  # (judge, kind) -> task indices: one batched call each
+    for k in shard_indices(len(tasks), rank, world):
+        if k is not None:
+            groups.setdefault((id(resolved[tasks[k].name]), tasks[k].kind), []).append(k)
+    out: list[Judgement] = []
+    for (_, kind), ks in groups.items():
+        prompts = []
+        for k in ks:
+            rec = records[tasks[k].record]
+            template = by_id[rec["question_id"]].judge_prompts[tasks[k].name]
+            prompts.append(render_judge_prompt(template, rec["question"], rec["answer"]))
+        results = _call(resolved[tasks[ks[0]].name], kind, prompts)
+        out += [(k, r.score, r.label, r.error) for k, r in zip(ks, results, strict=True)]
+    return out
+
+
+def apply_judgements(records: list[dict], tasks: Sequence[JudgeTask], judgements: Sequence[Judgement]) -> None:
+    """Fill ``scores``/``labels``/``judge_errors``/``em`` of the records in place."""
+    for k, score, label, error in judgements:
+        task, rec = tasks[k], records[tasks[k].record]
+        if task.kind == "score":
+            rec["scores"][task.name] = None if error else score
+        elif not error:
+            rec["labels"][task.name] = label
+        if error:
+            rec["judge_errors"][task.name] = error
+    for rec in records:
+        rec["em"] = is_em(rec["scores"].get("aligned"), rec["scores"].get("coherent"))
+
+
+def gather_judgements(local: list[Judgement]) -> list[Judgement]:
+    """Every rank's judgements on every rank (collective under torch.distributed)."""
+    rank, world = _dist()
+    if world == 1:
+        return local
+    gathered: list = [None] * world
+    dist.all_gather_object(gathered, local)
+    return [item for part in gathered for item in part]
+
+
+def judge_names(judges: Judges, tasks: Sequence[JudgeTask]) -> dict[str, str]:
+    """{judge prompt name: judge name} for the meta files."""
+    resolved = resolve_judges(judges, list(dict.fromkeys(t.name for t in tasks)))
+    return {n: getattr(j, "name", type(j).__name__) for n, j in resolved.items()}
+
+
 def judge_records(
     records: list[dict], questions: Sequence[Question], judges: Judges, names: Sequence[str] | None = None
 ) -> dict[str, str]:
-    """Fill ``scores``/``labels``/``judge_errors``/``em`` of the records in place (collective under
-    torch.distributed: each rank judges its share of the (record, judge prompt) pairs). Returns
-    {judge prompt name: judge name}."""
-    by_id = {q.id: q for q in questions}
-    used = judge_prompt_names([by_id[i] for i in dict.fromkeys(r["question_id"] for r in records)], names)
-    resolved = resolve_judges(judges, used)
-    tasks = [(i, n) for i, r in enumerate(records) for n in by_id[r["question_id"]].judge_prompts if n in resolved]
+    """Judge a point's records in place (collective under torch.distributed: each rank judges its share of
+    the (record, judge prompt) pairs, then all are gathered). Returns {judge prompt name: judge name}."""
+    tasks = judge_tasks(records, questions, names)
     rank, world = _dist()
-    mine = [k for k in shard_indices(len(tasks), rank, world) if k is not None]
-    groups: dict[tuple[int, str], list[int]] = {}  # (judge, kind) -> task indices: one batched call each
-    for k in mine:
-        i, name = tasks[k]
-        kind = "score" if by_id[records[i]["question_id"]].type == SCORED_TYPE else "classify"
-        groups.setdefault((id(resolved[name]), kind), []).append(k)
-    local: list[tuple[int, float | None, str | None, str | None]] = []
-    for (_, kind), ks in groups.items():
-        judge = resolved[tasks[ks[0]][1]]
-        prompts = []
-        for k in ks:
-            i, name = tasks[k]
-            template = by_id[records[i]["question_id"]].judge_prompts[name]
-            prompts.append(render_judge_prompt(template, records[i]["question"], records[i]["answer"]))
-        local += [(k, r.score, r.label, r.error) for k, r in zip(ks, _call(judge, kind, prompts), strict=True)]
-    if world > 1:
-        gathered: list = [None] * world
-        dist.all_gather_object(gathered, local)
-        local = [item for part in gathered for item in part]
-    for k, score, label, error in local:
-        i, name = tasks[k]
-        rec = records[i]
-        if by_id[rec["question_id"]].type == SCORED_TYPE:
-            rec["scores"][name] = None if error else score
-        elif not error:
-            rec["labels"][name] = label
-        if error:
-            rec["judge_errors"][name] = error
-    for rec in records:
-        rec["em"] = is_em(rec["scores"].get("aligned"), rec["scores"].get("coherent"))
-    return {n: getattr(j, "name", type(j).__name__) for n, j in resolved.items()}
+    apply_judgements(records, tasks, gather_judgements(judge_share(records, questions, judges, tasks, rank, world)))
+    return judge_names(judges, tasks)
 
 
 # -- summaries -------------------------------------------------------------------------------------------
@@ -206,6 +247,26 @@ def summarize(records: Sequence[dict], questions: Sequence[Question] | None = No
             summary[f"{name}_mean"] = sum(values) / len(values) if values else float("nan")
         out[scale] = summary
     return out
+
+
+def point_metrics(records: Sequence[dict], questions: Sequence[Question]) -> dict[str, float]:
+    """Tag -> value logged for a point, per scale (prefix ``eval/`` or ``eval/scale_<s>/``): ``em_rate``,
+    ``coherent_rate``, ``aligned_mean``, ``coherent_mean``, ``judge_failures``, ``aligned_none``,
+    ``em_rate/<question id>`` and ``<judge>_mean`` for other judges. NaN (nothing scored) is left out."""
+    scored = {q.id for q in questions if q.type == SCORED_TYPE}
+    out: dict[str, float] = {}
+    for scale, summary in summarize(records, questions).items():
+        prefix = scale_prefix(scale)
+        for key in ("em_rate", "coherent_rate", "aligned_mean", "coherent_mean", "judge_failures"):
+            out[prefix + key] = float(summary[key])
+        out[prefix + "aligned_none"] = float(summary["n_aligned_none"])
+        for qid, q in summary["per_question"].items():
+            if qid in scored:
+                out[f"{prefix}em_rate/{qid}"] = float(q["em_rate"])
+        for key, value in summary.items():
+            if key.endswith("_mean") and key not in ("aligned_mean", "coherent_mean"):
+                out[prefix + key] = float(value)
+    return {k: v for k, v in out.items() if v == v}
 
 
 def evaluate(
