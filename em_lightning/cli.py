@@ -26,7 +26,7 @@ def _fail(message: str) -> None:
 
 # Subcommands that are not LightningCLI's: name -> "module:function(argv)"; imported only when used.
 EXTRA_SUBCOMMANDS = {
-    "report": "em_lightning.report:main",
+    "report": "em_lightning.commands.report:main",
     "eval": "em_lightning.evaluation.posthoc:main",
     "export-step": "em_lightning.phase.reconstruct:main",
     "data": "em_lightning.commands.data:main",

@@ -14,6 +14,7 @@ import torch  # noqa: E402
 from torch.utils.tensorboard import SummaryWriter  # noqa: E402
 
 from em_lightning import cli, report  # noqa: E402
+from em_lightning.commands import report as report_command  # noqa: E402
 from em_lightning.phase.store import TrajectoryWriter  # noqa: E402
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -77,7 +78,7 @@ def full_run(tmp_path: Path) -> Path:
 
 
 def test_full_run(full_run: Path) -> None:
-    report.main([str(full_run)])
+    report_command.main([str(full_run)])
     out = full_run / "report"
     for name in TRAJECTORY_FIGURES + ["metrics.png"]:
         _check_png(out / name)
@@ -135,7 +136,7 @@ def test_several_modules(tmp_path: Path) -> None:
     for step in range(60):
         writer.append(step, {n: (a[step], b[step]) for n, (a, b) in paths.items()})
     writer.close()
-    report.main([str(run_dir), "--max-modules", "2"])
+    report_command.main([str(run_dir), "--max-modules", "2"])
     md = (run_dir / "report" / "report.md").read_text()
     assert "Modules (3): `model.layers.3.mlp.down_proj`, `model.layers.10.mlp.down_proj`, `model.layers.24" in md
     assert "k=6, threshold=-0.6" in md and "at k=6" in md
@@ -161,11 +162,11 @@ def test_logs_without_trajectory(tmp_path: Path) -> None:
 
 def test_errors(tmp_path: Path, capsys) -> None:
     with pytest.raises(ValueError, match="run directory not found"):
-        report.main([str(tmp_path / "missing")])
+        report_command.main([str(tmp_path / "missing")])
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(ValueError, match="nothing to report"):
-        report.main([str(empty)])
+        report_command.main([str(empty)])
     with pytest.raises(SystemExit) as e:
         cli.main(["report", str(empty)])
     assert e.value.code == 1

@@ -1,22 +1,22 @@
-"""``em-fit report RUN_DIR``: figures and a markdown summary of a run, finished or still running.
+"""What ``em-fit report`` shows about a run, finished or still running: read and computed, not drawn.
 
 Reads what the run directory holds: the adapter trajectory (``trajectory/``, via
 ``em_lightning.phase.store``) and the TensorBoard scalars (``train/loss``, ``eval/em_rate``,
 ``eval/coherent_rate``, live transition scalars). Each figure is drawn when its data exists; a sharp turn
 of each module's B vector is found with ``em_lightning.phase.detect_transitions`` (the live callback's
 rule and, when the trajectory's meta records them, its settings) and marked on every figure. Reading and
-computing here know nothing of Lightning; drawing is in ``report_figures.py``.
+computing here know nothing of Lightning; ``figures.py`` draws it, ``summary.py`` writes report.md.
 """
 
 from __future__ import annotations
 
-import argparse
 import math
 import re
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import Tensor
 
 from em_lightning.phase import (
@@ -28,8 +28,9 @@ from em_lightning.phase import (
     norms,
     pca_2d,
 )
+from em_lightning.phase.store import read_trajectory
 
-__all__ = ["ModuleAnalysis", "RunReport", "analyse_run", "read_scalars", "write_summary", "main"]
+__all__ = ["ModuleAnalysis", "RunReport", "analyse_run", "read_scalars"]
 
 LOSS, EM_RATE, COHERENT_RATE = "train/loss", "eval/em_rate", "eval/coherent_rate"
 DETECTOR_KEYS = ("k", "threshold", "min_snr", "warmup", "cooldown")
@@ -70,7 +71,6 @@ def natural_key(name: str) -> list:
 
 def read_scalars(run_dir: Path) -> dict[str, tuple[list[int], list[float]]]:
     """Every scalar tag of the event files in ``run_dir`` (a resumed run's purged steps are dropped)."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     if not any(p.is_file() for p in run_dir.glob("events.out.tfevents.*")):
         return {}
@@ -103,7 +103,6 @@ def live_transitions(scalars: dict[str, tuple[list[int], list[float]]]) -> dict[
 
 def _callback_settings(run_dir: Path) -> dict:
     """The AdapterTrajectory callback's detector settings from the run's config.yaml, if it has one."""
-    import yaml
 
     try:
         config = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
@@ -150,13 +149,10 @@ def analyse_run(run_dir: Path, ks: list[int], detector_k: int | None = None) -> 
     traj, traj_error = None, None
     if (run_dir / "trajectory").exists():
         try:
-            from em_lightning.phase.store import read_trajectory
-
             traj = read_trajectory(run_dir / "trajectory")
         except Exception as e:  # a half-written or foreign trajectory: report what else is there
             traj_error = f"cannot read trajectory in {run_dir / 'trajectory'}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
             notes.append(traj_error)
-            print(f"em-fit report: warning: {traj_error}", file=sys.stderr)
     scalars = read_scalars(run_dir)
     if (traj is None or len(traj.steps) == 0) and not scalars:
         raise ValueError(traj_error or f"nothing to report in {run_dir}: no trajectory/ and no TensorBoard event files")
@@ -175,101 +171,3 @@ def analyse_run(run_dir: Path, ks: list[int], detector_k: int | None = None) -> 
     elif traj is not None:
         notes.append("the trajectory has no recorded points yet")
     return RunReport(run_dir, steps, modules, scalars, live_transitions(scalars), detector, notes)
-
-
-def _fmt(x: float | None, digits: int = 4) -> str:
-    return "n/a" if x is None or not math.isfinite(x) else f"{x:.{digits}g}"
-
-
-def _mean_in(series: tuple[list[int], list[float]] | None, lo: int, hi: int) -> float | None:
-    if series is None:
-        return None
-    vals = [v for s, v in zip(*series) if lo <= s <= hi and math.isfinite(v)]
-    return sum(vals) / len(vals) if vals else None
-
-
-def _eval_around(series: tuple[list[int], list[float]] | None, step: int) -> tuple[str, str]:
-    if series is None:
-        return "n/a", "n/a"
-    before = [(s, v) for s, v in zip(*series) if s <= step]
-    after = [(s, v) for s, v in zip(*series) if s > step]
-    show = lambda p: f"{p[1]:.3f} (step {p[0]})" if p else "n/a"  # noqa: E731
-    return show(before[-1] if before else None), show(after[0] if after else None)
-
-
-def _transition_section(report: RunReport, m: ModuleAnalysis, e: TransitionEvent) -> list[str]:
-    k, steps = e.k, report.steps
-    i_lo, i_hi = max(e.index - k, 0), min(e.index + k, len(steps) - 1)
-    lo, hi = steps[i_lo], steps[i_hi]
-    em_before, em_after = _eval_around(report.scalars.get(EM_RATE), e.step)
-    loss = report.scalars.get(LOSS)
-    return [
-        f"### {m.name}: step {e.step}",
-        "",
-        f"Local cosine {e.local_cosine:.3f} at k={k} (detected at step {e.detected_step}). Before/after are "
-        f"the detector's two arms: loss averaged over them, norms at their far ends, EM at the nearest eval.",
-        "",
-        f"| metric | before (steps {lo}..{e.step - 1}) | at step {e.step} | after (steps {e.step + 1}..{hi}) |",
-        "|---|---|---|---|",
-        f"| train/loss | {_fmt(_mean_in(loss, lo, e.step - 1))} | {_fmt(_mean_in(loss, e.step, e.step))} "
-        f"| {_fmt(_mean_in(loss, e.step + 1, hi))} |",
-        f"| EM rate | {em_before} | | {em_after} |",
-        f"| norm A | {_fmt(float(m.norm_a[i_lo]))} | {_fmt(float(m.norm_a[e.index]))} | {_fmt(float(m.norm_a[i_hi]))} |",
-        f"| norm B | {_fmt(float(m.norm_b[i_lo]))} | {_fmt(float(m.norm_b[e.index]))} | {_fmt(float(m.norm_b[i_hi]))} |",
-        "",
-    ]
-
-
-def write_summary(report: RunReport, figures: list[Path], path: Path) -> None:
-    lines = [f"# Run report: `{report.run_dir}`", ""]
-    if report.steps:
-        lines.append(f"- Recorded steps: {len(report.steps)} (steps {report.steps[0]}..{report.steps[-1]})")
-        lines.append(f"- Modules ({len(report.modules)}): " + ", ".join(f"`{m.name}`" for m in report.modules))
-    else:
-        lines.append("- Recorded steps: 0 (no adapter trajectory)")
-    lines.append("- Detector: " + ", ".join(f"{k}={v}" for k, v in report.detector.items()))
-    lines += [f"- Note: {n}" for n in report.notes]
-    lines += ["", "## Transitions", ""]
-    events = [(m, e) for m in report.modules for e in m.transitions]
-    if events:
-        lines += ["| module | step | local cosine | detected at step |", "|---|---|---|---|"]
-        lines += [f"| `{m.name}` | {e.step} | {e.local_cosine:.3f} | {e.detected_step} |" for m, e in events]
-        lines.append("")
-        for m, e in events:
-            lines += _transition_section(report, m, e)
-    elif report.steps:
-        lines += ["No transition detected.", ""]
-    else:
-        lines += ["No transition detected (no trajectory to analyse).", ""]
-    for tag, steps in report.live_transitions.items():
-        lines += [f"Logged live (`{tag}`): step(s) " + ", ".join(map(str, steps)), ""]
-    if EM_RATE in report.scalars:
-        coherent = dict(zip(*report.scalars.get(COHERENT_RATE, ([], []))))
-        lines += ["## Evaluation", "", "| step | EM rate | coherent rate |", "|---|---|---|"]
-        for s, v in zip(*report.scalars[EM_RATE]):
-            lines.append(f"| {s} | {v:.3f} | {f'{coherent[s]:.3f}' if s in coherent else 'n/a'} |")
-        lines.append("")
-    lines += ["## Figures", ""] + [f"![{f.stem}]({f.name})" for f in figures] + [""]
-    path.write_text("\n".join(lines))
-
-
-def main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="em-fit report", description=__doc__.splitlines()[0])
-    parser.add_argument("run_dir", type=Path, help="run directory (the logger's log_dir)")
-    parser.add_argument("--out", type=Path, default=None, help="output folder (default: RUN_DIR/report)")
-    parser.add_argument("--k", type=int, nargs="+", default=[5, 10, 15], help="local cosine scales to plot")
-    parser.add_argument("--detector-k", type=int, default=None,
-                        help="transition detector scale (default: the run's, else 8)")
-    parser.add_argument("--max-modules", type=int, default=12, help="most modules drawn as separate panels")
-    args = parser.parse_args(argv)
-    if any(k < 1 for k in args.k) or (args.detector_k is not None and args.detector_k < 1):
-        raise ValueError("--k and --detector-k must be integers >= 1")
-
-    from em_lightning.report_figures import draw_all
-
-    report = analyse_run(args.run_dir, args.k, args.detector_k)
-    out = args.out if args.out is not None else args.run_dir / "report"
-    out.mkdir(parents=True, exist_ok=True)
-    figures = draw_all(report, out, max_modules=args.max_modules)
-    write_summary(report, figures, out / "report.md")
-    print(f"em-fit report: {len(figures)} figure(s) and report.md in {out}")

@@ -6,9 +6,10 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from matplotlib import colormaps
 from matplotlib.figure import Figure
 
-from em_lightning.report import COHERENT_RATE, EM_RATE, LOSS, ModuleAnalysis, RunReport
+from em_lightning.report.analysis import COHERENT_RATE, EM_RATE, LOSS, ModuleAnalysis, RunReport
 
 __all__ = ["draw_all"]
 
@@ -16,8 +17,6 @@ TRANSITION_COLOUR = "tab:red"
 
 
 def _colours(n: int) -> list:
-    from matplotlib import colormaps
-
     cmap = colormaps["tab10" if n <= 10 else "viridis"]
     return [cmap(i if n <= 10 else i / max(n - 1, 1)) for i in range(n)]
 
