@@ -1,36 +1,39 @@
 """Judge throughput: OpenAICompatibleJudge (concurrent) against sequential calls, on loopback.
 
-A local chat-completions server (ThreadingHTTPServer on 127.0.0.1 in a child process, one thread per
-connection, HTTP/1.1 keep-alive, TCP_NODELAY) sleeps a fixed latency per request (default 50 ms) and
-answers each prompt "n=<k>" (k in 0..99) with first-token top_logprobs {"<k>": 0.7, "<k+1>": 0.2,
-"no": 0.1}, so every score is known in advance: (0.7 k + 0.2 (k+1)) / 0.9. All scores of every run are
-checked, in order.
+A local chat-completions server (em_lightning.judges.loopback.LoopbackServer in a child process:
+ThreadingHTTPServer on 127.0.0.1, one thread per connection, HTTP/1.1 keep-alive, TCP_NODELAY) sleeps a
+fixed latency per request (default 50 ms) and answers each prompt "n=<k>" (k in 0..99) with first-token
+top_logprobs {"<k>": 0.7, "<k+1>": 0.2, "no": 0.1}, so every score is known in advance:
+(0.7 k + 0.2 (k+1)) / 0.9. All scores of every run are checked, in order.
 
 (a) em-lightning: ``OpenAICompatibleJudge(model="bench", base_url=..., api_key_env=None,
     max_concurrency=32).score_prompts(prompts)`` -- one call for all prompts.
 (b) reference approach (the published evaluation calls the judge one row at a time):
-    "httpx": a plain ``httpx.Client`` loop, one POST after the other, same request body;
+    "httpx": a plain ``httpx2.Client`` loop (the HTTP library under the openai SDK), one POST after the
+    other, same request body;
     "judge": the same judge with max_concurrency=1 (only concurrency differs).
+--compare FILE also runs (a) with the OpenAICompatibleJudge of another implementation of
+em_lightning/judges/openai_compat.py, e.g. the previous one from ``git show HEAD~1:...  > /tmp/old.py``.
 ../shared/ENVIRONMENT.md lists ~18.8 calls/s for reference-style judging at 50 ms latency.
 
-    python scripts/bench_judge.py [--calls 800] [--latency-ms 50] [--concurrency 32] [--reference httpx|judge|both]
+    python scripts/bench_judge.py [--calls 800] [--latency-ms 50] [--concurrency 32]
+        [--reference httpx|judge|both] [--compare FILE]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import functools
+import importlib.util
 import math
-import multiprocessing
 import shlex
 import sys
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-import httpx
+import httpx2
 
 from em_lightning.judges import OpenAICompatibleJudge
+from em_lightning.judges.loopback import LoopbackServer, Reply, completion
 
 DIST = (0.7, 0.2, 0.1)  # k, k+1, a non-number
 
@@ -39,96 +42,20 @@ def expected_score(k: int) -> float:
     return (DIST[0] * k + DIST[1] * (k + 1)) / (DIST[0] + DIST[1])
 
 
-class _Server(ThreadingHTTPServer):
-    request_queue_size = 1024  # the default backlog (5) would drop concurrent connects
-    daemon_threads = True
+def number_reply(latency_s: float, request) -> Reply:
+    """Sleep ``latency_s`` (the injected latency), then answer the prompt "n=<k>" (see module doc)."""
+    k = int(request.prompt.split("n=", 1)[1])
+    return Reply(body=completion(dict(zip((str(k), str(k + 1), "no"), DIST)), str(k)), delay_s=latency_s)
 
 
-class LatencyServer:
-    """POST */chat/completions: sleep ``latency_s``, then answer the prompt "n=<k>" (see module doc).
-
-    Runs in a child process, so its threads do not compete with the client for this process's GIL.
-    GET /stats returns the counters; POST /reset zeroes them."""
-
-    def __init__(self, latency_s: float):
-        ctx = multiprocessing.get_context("spawn")
-        parent, child = ctx.Pipe()
-        self.process = ctx.Process(target=_serve, args=(latency_s, child), daemon=True)
-        self.process.start()
-        port = parent.recv()
-        self.url = f"http://127.0.0.1:{port}/v1"
-        self.client = httpx.Client(timeout=10.0)
-
-    def stats(self) -> dict:
-        return self.client.get(f"{self.url}/stats").json()
-
-    def reset(self) -> None:
-        self.client.post(f"{self.url}/reset")
-
-    def close(self) -> None:
-        self.client.close()
-        self.process.terminate()
-        self.process.join(5)
-
-
-def _serve(latency_s: float, conn) -> None:
-    lock = threading.Lock()
-    counters = {"requests": 0, "in_flight": 0, "max_in_flight": 0}
-
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"  # keep-alive: a client connection stays on one server thread
-        # TCP_NODELAY: headers and body go out as two writes; with Nagle on, the body waits for the
-        # client's delayed ACK (~40 ms on Linux), which would add ~40 ms to every call.
-        disable_nagle_algorithm = True
-
-        def log_message(self, *args):
-            pass
-
-        def _send(self, data: bytes) -> None:
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def do_GET(self):  # /stats
-            with lock:
-                self._send(json.dumps(counters).encode())
-
-        def do_POST(self):
-            body = self.rfile.read(int(self.headers["Content-Length"] or 0))
-            if self.path.endswith("/reset"):
-                with lock:
-                    counters.update(requests=0, max_in_flight=0)
-                self._send(b"{}")
-                return
-            body = json.loads(body)
-            with lock:
-                counters["requests"] += 1
-                counters["in_flight"] += 1
-                counters["max_in_flight"] = max(counters["max_in_flight"], counters["in_flight"])
-            try:
-                time.sleep(latency_s)  # injected latency
-                k = int(body["messages"][0]["content"].split("n=", 1)[1])
-                top = [{"token": t, "logprob": math.log(p)} for t, p in zip((str(k), str(k + 1), "no"), DIST)]
-                reply = {
-                    "object": "chat.completion",
-                    "model": body.get("model"),
-                    "choices": [{
-                        "index": 0,
-                        "message": {"role": "assistant", "content": str(k)},
-                        "logprobs": {"content": [{"token": str(k), "logprob": top[0]["logprob"], "top_logprobs": top}]},
-                        "finish_reason": "length",
-                    }],
-                }
-                self._send(json.dumps(reply).encode())
-            finally:
-                with lock:
-                    counters["in_flight"] -= 1
-
-    httpd = _Server(("127.0.0.1", 0), Handler)
-    conn.send(httpd.server_address[1])
-    httpd.serve_forever(0.01)
+def load_judge_class(path: str) -> type:
+    """OpenAICompatibleJudge from another copy of openai_compat.py (its relative imports resolve in
+    em_lightning.judges)."""
+    spec = importlib.util.spec_from_file_location("em_lightning.judges._bench_compare", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module.OpenAICompatibleJudge
 
 
 def check(scores: list, n: int, label: str) -> None:
@@ -138,8 +65,8 @@ def check(scores: list, n: int, label: str) -> None:
     print(f"    {label}: all {n} scores correct")
 
 
-def run_judge(url: str, prompts: list[str], concurrency: int) -> tuple[float, list, OpenAICompatibleJudge]:
-    judge = OpenAICompatibleJudge(model="bench", base_url=url, api_key_env=None, max_concurrency=concurrency)
+def run_judge(url: str, prompts: list[str], concurrency: int, cls: type = OpenAICompatibleJudge):
+    judge = cls(model="bench", base_url=url, api_key_env=None, max_concurrency=concurrency)
     c0, t0 = time.process_time(), time.perf_counter()
     results = judge.score_prompts(prompts)
     elapsed = time.perf_counter() - t0
@@ -154,16 +81,25 @@ def run_httpx_loop(url: str, prompts: list[str]) -> tuple[float, list]:
     """One POST at a time with the judge's request body; score with the same aggregate rule."""
     from em_lightning.judges import aggregate_score
 
-    judge = OpenAICompatibleJudge(model="bench", base_url=url, api_key_env=None)  # only for _body()
+    judge = OpenAICompatibleJudge(model="bench", base_url=url, api_key_env=None)  # only for the body
     scores = []
     t0 = time.perf_counter()
-    with httpx.Client(timeout=30.0) as client:
+    with httpx2.Client(timeout=30.0) as client:
         for p in prompts:
-            r = client.post(f"{url}/chat/completions", json=judge._body(p, classify=False))
+            kwargs = judge.request_kwargs(p)
+            body = {**{k: v for k, v in kwargs.items() if k != "extra_body"}, **kwargs.get("extra_body", {})}
+            r = client.post(f"{url}/chat/completions", json=body)
             r.raise_for_status()
             top = r.json()["choices"][0]["logprobs"]["content"][0]["top_logprobs"]
             scores.append(aggregate_score({e["token"].strip(): math.exp(e["logprob"]) for e in top}))
     return time.perf_counter() - t0, scores
+
+
+def report_a(label: str, n: int, ta: float, judge, server, args) -> None:
+    print(f"{label}, max_concurrency={args.concurrency}: {n} calls in {ta:.2f} s = {n / ta:,.1f} calls/s "
+          f"(server: {server.stats()}; judge stats {judge.last_stats.as_dict()})")
+    print(f"    client CPU: {judge.client_cpu_s:.2f} s ({judge.client_cpu_s / n * 1000:.1f} ms/call; "
+          f"above ~{args.latency_ms / args.concurrency:.2f} ms/call the client, not the latency, bounds it)")
 
 
 def main() -> None:
@@ -172,44 +108,56 @@ def main() -> None:
     p.add_argument("--latency-ms", type=float, default=50.0)
     p.add_argument("--concurrency", type=int, default=32, help="max_concurrency of the em-lightning judge")
     p.add_argument("--reference", choices=("httpx", "judge", "both"), default="httpx",
-                   help="sequential baseline: plain httpx loop, the judge at max_concurrency=1, or both")
+                   help="sequential baseline: plain httpx2 loop, the judge at max_concurrency=1, or both")
+    p.add_argument("--compare", metavar="FILE", help="another openai_compat.py whose judge also runs (a)")
+    p.add_argument("--repeat", type=int, default=1, help="timed runs of (a) (alternating with --compare); median")
     args = p.parse_args()
     print("command:", shlex.join([sys.executable, *sys.argv]))
     n = args.calls
     prompts = [f"Rate this answer. n={k % 100}" for k in range(n)]
-    server = LatencyServer(args.latency_ms / 1000)
-    print(f"server: {server.url}, ThreadingHTTPServer in a child process (thread per connection, keep-alive), "
+    server = LoopbackServer(functools.partial(number_reply, args.latency_ms / 1000), process=True)
+    print(f"server: {server.url}, LoopbackServer in a child process (thread per connection, keep-alive), "
           f"{args.latency_ms:g} ms injected latency per request; {n} prompts")
+    judges = {"(a) em-lightning judge": OpenAICompatibleJudge}
+    if args.compare:
+        judges[f"(a') judge of {args.compare}"] = load_judge_class(args.compare)
     try:
         # Warm-up (imports, first connection), not timed.
-        run_judge(server.url, prompts[:4], 4)
+        for cls in judges.values():
+            run_judge(server.url, prompts[:4], 4, cls)
         run_httpx_loop(server.url, prompts[:2])
 
-        server.reset()
-        ta, scores, judge = run_judge(server.url, prompts, args.concurrency)
-        print(f"(a) em-lightning judge, max_concurrency={args.concurrency}: {n} calls in {ta:.2f} s = "
-              f"{n / ta:,.1f} calls/s (server: {server.stats()}; judge "
-              f"stats {judge.last_stats.as_dict()})")
-        check(scores, n, "(a)")
+        times: dict[str, list[float]] = {label: [] for label in judges}
+        for _ in range(args.repeat):
+            for label, cls in judges.items():
+                server.reset()
+                ta, scores, judge = run_judge(server.url, prompts, args.concurrency, cls)
+                times[label].append(ta)
+                report_a(label, n, ta, judge, server, args)
+                check(scores, n, label.split()[0])
+        median = {label: sorted(t)[len(t) // 2] for label, t in times.items()}
+        ta = median["(a) em-lightning judge"]
         ideal = n / args.concurrency * args.latency_ms / 1000
-        print(f"    client CPU for (a): {judge.client_cpu_s:.2f} s ({judge.client_cpu_s / n * 1000:.1f} ms/call; "
-              f"above ~{args.latency_ms / args.concurrency:.2f} ms/call the client, not the latency, bounds it)")
         print(f"    latency bound for (a): {n} x {args.latency_ms:g} ms / {args.concurrency} = {ideal:.2f} s "
               f"({n / ideal:,.0f} calls/s)")
+        if args.repeat > 1 or args.compare:
+            for label, t in median.items():
+                print(f"    {label.split()[0]} median of {len(times[label])}: {t:.2f} s = {n / t:,.1f} calls/s")
 
         refs = ["httpx", "judge"] if args.reference == "both" else [args.reference]
         for ref in refs:
             server.reset()
             if ref == "httpx":
                 tb, scores = run_httpx_loop(server.url, prompts)
-                label = "(b) reference, plain httpx.Client loop (one call at a time)"
+                label = "(b) reference, plain httpx2.Client loop (one call at a time)"
             else:
                 tb, scores, _ = run_judge(server.url, prompts, 1)
                 label = "(b) reference, same judge with max_concurrency=1"
             print(f"{label}: {n} calls in {tb:.2f} s = {n / tb:,.1f} calls/s "
                   f"(server: {server.stats()})")
             check(scores, n, "(b)")
-            print(f"    ratio (a)/(b) [{ref}]: {tb / ta:.1f}x calls/s")
+            for name, t in reversed(median.items()):  # (a) last: the final line is its ratio
+                print(f"    ratio {name.split()[0]}/(b) [{ref}]: {tb / t:.1f}x calls/s")
     finally:
         server.close()
 

@@ -170,6 +170,9 @@ class LoopbackServer:
             parent, child = ctx.Pipe()
             self._process = ctx.Process(target=_serve_in_child, args=(reply, child), daemon=True)
             self._process.start()
+            while not parent.poll(0.1):  # a child that dies at start (e.g. `reply` not importable) says so
+                if not self._process.is_alive():
+                    raise RuntimeError(f"loopback server process exited with code {self._process.exitcode}")
             port = parent.recv()
         else:
             self._httpd = _make_server(reply, self.log)
