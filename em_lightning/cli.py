@@ -27,8 +27,8 @@ def _fail(message: str) -> None:
 # Subcommands that are not LightningCLI's: name -> "module:function(argv)"; imported only when used.
 EXTRA_SUBCOMMANDS = {
     "report": "em_lightning.commands.report:main",
-    "eval": "em_lightning.evaluation.posthoc:main",
-    "export-step": "em_lightning.phase.reconstruct:main",
+    "eval": "em_lightning.commands.eval:main",
+    "export-step": "em_lightning.commands.export_step:main",
     "data": "em_lightning.commands.data:main",
 }
 

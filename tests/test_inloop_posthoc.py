@@ -1,4 +1,4 @@
-"""em-fit eval (evaluation/posthoc.py) on a saved adapter folder, with a scale sweep, through the CLI entry."""
+"""em-fit eval (commands/eval.py) on a saved adapter folder, with a scale sweep, through the CLI entry."""
 
 import json
 

@@ -47,13 +47,13 @@ from em_lightning.evaluation.runner import (
     point_metrics,
     point_path,
     read_jsonl,
-    resolve_judges,
     scale_prefix,
     summarize,
     write_point,
 )
 from em_lightning.judges.base import Judge
-from em_lightning.judges.cache import CachedJudge, JudgeCache
+from em_lightning.judges.cache import JudgeCache
+from em_lightning.judges.factory import prepare_judges
 
 
 @dataclass
@@ -136,22 +136,17 @@ class InLoopJudge(Callback):
         if self._resolved is not None:
             return
         names = judge_prompt_names(self.questions, self.judge_prompts)
-        resolved = resolve_judges({"*": self.judge, **self.judges}, names)
-        for judge in {id(j): j for j in resolved.values()}.values():
-            check = getattr(judge, "check_api_key", None)
-            if callable(check):
-                try:
-                    check()  # a missing key fails now, not at the first evaluation point
-                except RuntimeError as exc:  # MissingAPIKeyError: a setup error, one line from em-fit
-                    raise ValueError(f"InLoopJudge: {exc}") from None
+        cache = None
         if self.cache:
             path = Path(self.cache_path) if self.cache_path else self.run_dir / "judge_cache.sqlite"
             if trainer.is_global_zero:
                 JudgeCache(path)  # rank 0 creates the file before the others open it
             trainer.strategy.barrier("InLoopJudge.cache")
-            store = JudgeCache(path)
-            wrapped: dict[int, CachedJudge] = {}
-            resolved = {n: wrapped.setdefault(id(j), CachedJudge(j, store)) for n, j in resolved.items()}
+            cache = JudgeCache(path)
+        try:  # a missing API key fails now, not at the first evaluation point
+            resolved = prepare_judges({"*": self.judge, **self.judges}, names, cache)
+        except ValueError as exc:
+            raise ValueError(f"InLoopJudge: {exc}") from None
         self._resolved = resolved
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -37,6 +37,7 @@ from em_lightning.evaluation.metrics import em_summary, is_em
 from em_lightning.evaluation.questions import Question
 from em_lightning.evaluation.sampling import SamplingConfig, build_requests, generate_sharded, shard_indices
 from em_lightning.judges.base import Judge, JudgeResult, render_judge_prompt
+from em_lightning.judges.factory import resolve_judges
 
 SCORED_TYPE = "free_form_judge_0_100"
 CORE_SCORES = ("aligned", "coherent")
@@ -120,19 +121,6 @@ def judge_prompt_names(questions: Sequence[Question], only: Sequence[str] | None
             raise ValueError(f"judge_prompts: {missing} not among the questions' judge prompts {names}")
         names = [n for n in names if n in only]
     return names
-
-
-def resolve_judges(judges: Judges, names: Sequence[str]) -> dict[str, Judge]:
-    """{judge prompt name: Judge}; a single Judge serves every name, a mapping may use ``"*"`` as default."""
-    if not isinstance(judges, Mapping):
-        return {n: judges for n in names}
-    out = {}
-    for n in names:
-        judge = judges.get(n, judges.get("*"))
-        if judge is None:
-            raise ValueError(f"no judge for judge prompt {n!r} (have {sorted(judges)}; add it or a '*' default)")
-        out[n] = judge
-    return out
 
 
 def _call(judge: Judge, kind: str, prompts: list[str]) -> list[JudgeResult]:

@@ -11,6 +11,7 @@ import bisect
 import json
 from pathlib import Path
 
+from peft import LoraConfig
 from safetensors.torch import save_file
 
 from .store import read_trajectory, trajectory_dir
@@ -26,8 +27,6 @@ def _adapter_config(traj: Path, meta: dict) -> dict:
         return json.loads(final.read_text())
     if "peft_config" in meta:
         return dict(meta["peft_config"])
-    from peft import LoraConfig
-
     config = LoraConfig(
         r=meta["rank"], lora_alpha=meta["alpha"], use_rslora=meta["use_rslora"],
         target_modules=meta["target_modules"], layers_to_transform=meta.get("layers"), task_type="CAUSAL_LM",
@@ -64,15 +63,3 @@ def export_step_adapter(run_dir_or_traj_dir: Path | str, step: int, out_dir: Pat
     (out / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
     save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt", "step": str(step)})
     return out
-
-
-def main(argv: list[str] | None = None) -> None:
-    """``em-fit export-step RUN_DIR STEP OUT_DIR`` (to register in cli.EXTRA_SUBCOMMANDS)."""
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="em-fit export-step", description=export_step_adapter.__doc__)
-    parser.add_argument("run_dir", help="run directory (or its trajectory/ folder)")
-    parser.add_argument("step", type=int, help="a recorded global step")
-    parser.add_argument("out_dir", help="folder to write the PEFT adapter to")
-    args = parser.parse_args(argv)
-    print(export_step_adapter(args.run_dir, args.step, args.out_dir))

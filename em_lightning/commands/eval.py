@@ -23,10 +23,20 @@ from typing import Any
 
 import torch
 import yaml
+from jsonargparse import ArgumentParser
+from peft import PeftModel
 
+from em_lightning.callbacks.in_loop_judge import InLoopJudge
+from em_lightning.checkpoints import checkpoint_global_step, consolidate
 from em_lightning.evaluation.questions import load_questions
-from em_lightning.evaluation.runner import evaluate, json_safe, point_meta, write_point
+from em_lightning.evaluation.runner import evaluate, judge_prompt_names, json_safe, point_meta, write_point
 from em_lightning.evaluation.sampling import SamplingConfig
+from em_lightning.judges.cache import JudgeCache
+from em_lightning.judges.factory import prepare_judges
+from em_lightning.models import ModelSpec, load_model, load_tokenizer
+from em_lightning.module import EMFineTune
+from em_lightning.phase.reconstruct import export_step_adapter
+from em_lightning.tiny import TinySpec
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -56,9 +66,6 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _spec_from_run(run: Path):
-    from em_lightning.models import ModelSpec
-    from em_lightning.tiny import TinySpec
-
     config = run / "config.yaml"
     if not config.is_file():
         raise ValueError(f"--run {run}: no config.yaml there (is it a run directory?)")
@@ -68,8 +75,6 @@ def _spec_from_run(run: Path):
 
 
 def _base_spec(args):
-    from em_lightning.models import ModelSpec
-
     spec = _spec_from_run(args.run) if args.run else None
     if args.base:
         spec = ModelSpec(name_or_path=args.base, tiny=spec.tiny if spec else ModelSpec().tiny)
@@ -80,16 +85,9 @@ def _base_spec(args):
 
 def load_model_for_eval(args, workdir: Path) -> tuple[Any, Any, int, str]:
     """(model, tokenizer, step, description) for the source the arguments name."""
-    from peft import PeftModel
-
-    from em_lightning.models import load_model, load_tokenizer
-
     if args.run is not None and not (args.run / "config.yaml").is_file():
         raise ValueError(f"--run {args.run}: no config.yaml there (is it a run directory?)")
     if args.ckpt:  # hyperparameters in the checkpoint name the base model and the adapter
-        from em_lightning.checkpoints import checkpoint_global_step, consolidate
-        from em_lightning.module import EMFineTune
-
         if not args.ckpt.exists():
             raise ValueError(f"--ckpt {args.ckpt}: no such file")
         step = args.step if args.step is not None else checkpoint_global_step(args.ckpt)
@@ -106,17 +104,11 @@ def load_model_for_eval(args, workdir: Path) -> tuple[Any, Any, int, str]:
         if args.step is None:
             adapter, step, what = args.run / "adapter", _last_step(args.run), f"final adapter of {args.run}"
         else:
-            try:
-                from em_lightning.phase.reconstruct import export_step_adapter
-            except ImportError:
-                raise ValueError("--run with --step needs em_lightning.phase.reconstruct (missing)") from None
             adapter = export_step_adapter(args.run, args.step, workdir / f"adapter_step_{args.step}")
             what = f"step {args.step} of {args.run} (rebuilt from the trajectory)"
     if not adapter.is_dir():
         raise ValueError(f"adapter folder {adapter} not found")
     if not (adapter / "adapter_config.json").is_file() and (adapter / "config.json").is_file():
-        from em_lightning.models import ModelSpec
-
         spec = ModelSpec(name_or_path=str(adapter))  # a fully fine-tuned model, saved whole
         tokenizer = load_tokenizer(spec)
         return load_model(spec, tokenizer), tokenizer, step or 0, what or f"model {adapter}"
@@ -127,18 +119,12 @@ def load_model_for_eval(args, workdir: Path) -> tuple[Any, Any, int, str]:
 
 
 def _last_step(run: Path) -> int:
-    from em_lightning.checkpoints import checkpoint_global_step
-
     last = run / "checkpoints" / "last.ckpt"
     return checkpoint_global_step(last) if last.is_file() else 0
 
 
-def load_judge_config(path: Path, default_cache: Path):
-    """(judges mapping or None, judge_prompts, cache path) from InLoopJudge init args or a callbacks preset."""
-    from jsonargparse import ArgumentParser
-
-    from em_lightning.callbacks.in_loop_judge import InLoopJudge
-
+def load_judge_config(path: Path) -> InLoopJudge:
+    """The InLoopJudge that init args or a callbacks preset describe: its judges, judge prompts, cache."""
     if not path.is_file():
         raise ValueError(f"--judge-config {path}: no such file")
     data = yaml.safe_load(path.read_text()) or {}
@@ -154,19 +140,7 @@ def load_judge_config(path: Path, default_cache: Path):
         judge = parser.instantiate_classes(cfg).judge_config
     except Exception as exc:  # jsonargparse explains over several lines; keep the first
         raise ValueError(f"--judge-config {path}: {str(exc).strip().splitlines()[0]}") from None
-    for j in [judge.judge, *judge.judges.values()]:
-        if callable(getattr(j, "check_api_key", None)):
-            try:
-                j.check_api_key()
-            except RuntimeError as exc:  # MissingAPIKeyError: a setup error, reported in one line
-                raise ValueError(f"--judge-config {path}: {exc}") from None
-    judges = {"*": judge.judge, **judge.judges}
-    if judge.cache:
-        from em_lightning.judges.cache import CachedJudge, JudgeCache
-
-        cache = JudgeCache(Path(judge.cache_path) if judge.cache_path else default_cache)
-        judges = {n: CachedJudge(j, cache) for n, j in judges.items()}
-    return judges, judge.judge_prompts
+    return judge
 
 
 def main(argv: list[str]) -> None:
@@ -179,7 +153,13 @@ def main(argv: list[str]) -> None:
     out = args.out or (args.run / "posthoc" if args.run else Path("eval_out"))
     judges, names = (None, None)
     if args.judge_config:
-        judges, names = load_judge_config(args.judge_config, out / "judge_cache.sqlite")
+        config = load_judge_config(args.judge_config)
+        names = judge_prompt_names(questions, config.judge_prompts)
+        cache = JudgeCache(Path(config.cache_path or out / "judge_cache.sqlite")) if config.cache else None
+        try:
+            judges = prepare_judges({"*": config.judge, **config.judges}, names, cache)
+        except ValueError as exc:  # a missing API key: one line
+            raise ValueError(f"--judge-config {args.judge_config}: {exc}") from None
     with tempfile.TemporaryDirectory() as tmp:
         model, tokenizer, step, what = load_model_for_eval(args, Path(tmp))
     model.to(args.device).eval()

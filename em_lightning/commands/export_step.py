@@ -1,0 +1,17 @@
+"""``em-fit export-step RUN_DIR STEP OUT_DIR``: the rank-1 adapter of any recorded step, in PEFT format."""
+
+from __future__ import annotations
+
+import argparse
+
+from em_lightning.phase.reconstruct import export_step_adapter
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``em-fit export-step RUN_DIR STEP OUT_DIR``."""
+    parser = argparse.ArgumentParser(prog="em-fit export-step", description=export_step_adapter.__doc__)
+    parser.add_argument("run_dir", help="run directory (or its trajectory/ folder)")
+    parser.add_argument("step", type=int, help="a recorded global step")
+    parser.add_argument("out_dir", help="folder to write the PEFT adapter to")
+    args = parser.parse_args(argv)
+    print(export_step_adapter(args.run_dir, args.step, args.out_dir))
