@@ -154,7 +154,7 @@ class _CallTransport(httpx2.AsyncBaseTransport):
             except httpx2.TimeoutException:
                 self._failed(prompt, "timeout", f"timeout after {call.timeout_s} s")
                 raise
-            except httpx2.TransportError as exc:  # connection refused/reset, protocol errors
+            except Exception as exc:  # connection refused/reset, protocol and TLS errors: the SDK retries them
                 self._failed(prompt, "connection", f"connection error: {type(exc).__name__}")
                 raise
         if response.status_code >= 400:
@@ -346,6 +346,8 @@ class OpenAICompatibleJudge:
             if isinstance(outcome, Exception):
                 stats.failures += 1
                 stats.errors["unexpected"] += 1
+                while getattr(outcome, "exceptions", None):  # an ExceptionGroup (anyio): name its first cause
+                    outcome = outcome.exceptions[0]
                 outcome = JudgeResult(error=call.redact(f"unexpected error: {type(outcome).__name__}: {outcome}"))
             results.append(outcome)
         return results
