@@ -10,15 +10,6 @@ import sys
 import warnings
 
 
-def __getattr__(name: str):
-    # `from em_lightning.cli import EMFitCLI` keeps working; Lightning is imported only when asked for.
-    if name in ("EMFitCLI", "PinnedRunConfig"):
-        from em_lightning import fit_cli
-
-        return getattr(fit_cli, name)
-    raise AttributeError(name)
-
-
 def _fail(message: str) -> None:
     print(f"em-fit: error: {message}", file=sys.stderr)
     sys.exit(1)
