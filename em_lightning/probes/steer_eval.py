@@ -1,0 +1,94 @@
+"""Sample the evaluation questions under steering or ablation, summarise, and write
+``<run_dir>/steering/step_XXXXXXX.jsonl`` (``em-fit steer`` and the ``MechanisticProbes`` callback).
+
+Records are those of ``evaluation.runner`` (judge them with ``runner.judge_records``) plus ``alpha``,
+``mode`` (``steer``: the base model, adapter scale 0, plus alpha x the direction; ``ablate``: the
+fine-tuned model, adapter scale 1, with alpha x the direction projected out), ``layers``,
+``source_layer`` (null: each layer's own direction) and ``direction_step``. Sampling seeds do not depend
+on alpha, so the answers of a sweep differ only through the intervention (alpha 0 = no hook at all).
+Writing merges: lines of another (mode, layers, source layer, alpha) already in the file are kept.
+No Lightning.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from em_lightning.evaluation.metrics import em_summary
+from em_lightning.evaluation.questions import Question
+from em_lightning.evaluation.runner import SCORED_TYPE, point_path, read_jsonl, sample_records, write_point
+from em_lightning.evaluation.sampling import SamplingConfig
+from em_lightning.probes.directions import Direction
+from em_lightning.probes.steering import MODES, intervene
+
+STEERING = "steering"
+SUMMARY_KEYS = ("em_rate", "coherent_rate", "aligned_mean", "coherent_mean", "n_scored", "n_total")
+
+
+def steered_records(model, tokenizer, questions: Sequence[Question], sampling: SamplingConfig, step: int,
+                    direction: Direction, alphas: Sequence[float], layers: Sequence[int], mode: str = "steer",
+                    source_layer: int | None = None, synced: bool = False) -> list[dict]:
+    """Unjudged records for every alpha (collective under torch.distributed, like ``sample_records``)."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    scale = 0.0 if mode == "steer" else 1.0
+    records: list[dict] = []
+    for alpha in alphas:
+        with intervene(model, direction, mode, float(alpha), layers, source_layer):
+            batch = sample_records(model, tokenizer, questions, sampling, step, [scale], synced)
+        for r in batch:
+            r.update(alpha=float(alpha), mode=mode, layers=[int(L) for L in layers], source_layer=source_layer,
+                     direction_step=direction.step)
+        records += batch
+    return records
+
+
+def _key(r: dict) -> tuple:
+    return (r["mode"], tuple(r["layers"]), r.get("source_layer"), float(r["alpha"]))
+
+
+def steering_summary(records: Sequence[dict], questions: Sequence[Question] | None = None) -> list[dict]:
+    """One row per (mode, layers, source layer, alpha), in first-seen order: EM and coherence numbers."""
+    categorical = {q.id for q in questions or () if q.type != SCORED_TYPE}
+    groups: dict[tuple, list[dict]] = {}
+    for r in records:
+        if r["question_id"] not in categorical:
+            groups.setdefault(_key(r), []).append(r)
+    rows = []
+    for (mode, layers, source, alpha), recs in groups.items():
+        s = em_summary(recs)
+        rows.append({"mode": mode, "layers": list(layers), "source_layer": source, "alpha": alpha,
+                     **{k: s[k] for k in SUMMARY_KEYS}})
+    return rows
+
+
+def steering_tags(rows: Sequence[dict], root: str = "mech/steer") -> dict[str, float]:
+    """TensorBoard tags ``<root>/<mode>/alpha_<a>/em_rate`` and ``.../coherent_rate`` (NaN left out)."""
+    out = {}
+    for row in rows:
+        for key in ("em_rate", "coherent_rate"):
+            value = float(row[key])
+            if value == value:
+                out[f"{root}/{row['mode']}/alpha_{row['alpha']!r}/{key}"] = value
+    return out
+
+
+def write_steering(run_dir: str | Path, step: int, records: Sequence[dict]) -> Path:
+    """Write (merging) ``<run_dir>/steering/step_XXXXXXX.jsonl``; returns its path."""
+    directory = Path(run_dir) / STEERING
+    path = point_path(directory, step)
+    new = {_key(r) for r in records}
+    kept = [r for r in read_jsonl(path) if _key(r) not in new] if path.is_file() else []
+    return write_point(directory, step, kept + list(records))
+
+
+def read_steering(run_dir: str | Path) -> dict[int, list[dict]]:
+    """{step: records} of every steering file of a run."""
+    directory = Path(run_dir) / STEERING
+    out = {}
+    for path in sorted(directory.glob("step_*.jsonl")) if directory.is_dir() else []:
+        records = read_jsonl(path)
+        if records:
+            out[int(records[0]["step"])] = records
+    return out
