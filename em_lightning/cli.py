@@ -21,6 +21,7 @@ EXTRA_SUBCOMMANDS = {
     "eval": "em_lightning.commands.eval:main",
     "export-step": "em_lightning.commands.export_step:main",
     "data": "em_lightning.commands.data:main",
+    "steer": "em_lightning.commands.steer:main",
 }
 
 

@@ -9,6 +9,8 @@ collectives in its handler. Hooks:
 - ``on_generations(trainer, pl_module, step, records, settings)``: answers were sampled at an
   evaluation point: ``records`` are the runner's record dicts for every adapter scale (the full list, on
   every rank); ``settings`` the effective sampling settings plus the scales.
+- ``on_point_judged(trainer, pl_module, step, records)``: InLoopJudge finished a point (possibly steps
+  after it was sampled): the same records with every score, on every rank at the same moment.
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ summaries, metrics) and logs at the point's own step, for each scale s (prefix `
 ``judge_failures``, ``aligned_none``, ``em_rate/<question_id>``, ``<judge>_mean`` and the text table
 ``answers``. Every point is judged exactly once: points still pending at a checkpoint are listed in it and
 judged again (cache hits cost nothing) by a resumed run; the end of fit waits for all of them.
+Once a point is finished, every rank announces ``on_point_judged`` with its judged records (events.py).
 
 Cost: at the start of fit the plan (points, answers, judge calls) is printed and written to
 ``<run_dir>/evaluation_plan.json``; ``max_judge_calls`` caps the whole run's calls (counted across
@@ -32,7 +33,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from em_lightning.callbacks.events import resolve_run_dir
+from em_lightning.callbacks.events import announce, resolve_run_dir
 from em_lightning.callbacks.sample_generations import SampleGenerations
 from em_lightning.evaluation.plan import answers_per_point, judge_calls_per_point, planned_points
 from em_lightning.evaluation.runner import (
@@ -253,19 +254,20 @@ class InLoopJudge(Callback):
     def _finish(self, trainer, point: _Pending) -> None:
         judgements = gather_judgements(point.future.result())  # judge_share never raises
         apply_judgements(point.records, point.tasks, judgements)
-        if not trainer.is_global_zero:
-            return
-        metrics = point_metrics(point.records, self.questions)
-        meta = {
-            "step": point.step,
-            "n_records": len(point.records),
-            "sampling": point.settings,
-            "judges": judge_names(self._resolved, point.tasks),
-            "summary": {str(s): v for s, v in summarize(point.records, self.questions).items()},
-            "metrics": metrics,
-        }
-        write_point(self.run_dir / "generations", point.step, point.records, meta)
-        self._log(trainer, point.step, point.records, metrics)
+        if trainer.is_global_zero:
+            metrics = point_metrics(point.records, self.questions)
+            meta = {
+                "step": point.step,
+                "n_records": len(point.records),
+                "sampling": point.settings,
+                "judges": judge_names(self._resolved, point.tasks),
+                "summary": {str(s): v for s, v in summarize(point.records, self.questions).items()},
+                "metrics": metrics,
+            }
+            write_point(self.run_dir / "generations", point.step, point.records, meta)
+            self._log(trainer, point.step, point.records, metrics)
+        # Every rank, at the same moment, with the judged records: subscribers may run collectives.
+        announce(trainer, "on_point_judged", trainer.lightning_module, point.step, point.records)
 
     # -- output ----------------------------------------------------------------------------------------
     def _log(self, trainer: pl.Trainer, step: int, records: list[dict], metrics: dict[str, float]) -> None:

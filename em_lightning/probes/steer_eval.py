@@ -15,15 +15,23 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from em_lightning.adapters import lora_layers
 from em_lightning.evaluation.metrics import em_summary
 from em_lightning.evaluation.questions import Question
 from em_lightning.evaluation.runner import SCORED_TYPE, point_path, read_jsonl, sample_records, write_point
 from em_lightning.evaluation.sampling import SamplingConfig
+from em_lightning.probes.alignment import layer_of, writes_residual
 from em_lightning.probes.directions import Direction
 from em_lightning.probes.steering import MODES, intervene
 
 STEERING = "steering"
 SUMMARY_KEYS = ("em_rate", "coherent_rate", "aligned_mean", "coherent_mean", "n_scored", "n_total")
+
+
+def default_layers(model, direction: Direction) -> list[int]:
+    """The layers the adapters write into (down_proj, o_proj) that the direction has; else all of its layers."""
+    written = {layer_of(name) for name, _ in lora_layers(model) if writes_residual(name)}
+    return sorted(written & set(direction.layers)) or direction.layers
 
 
 def steered_records(model, tokenizer, questions: Sequence[Question], sampling: SamplingConfig, step: int,

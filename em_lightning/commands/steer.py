@@ -1,0 +1,150 @@
+"""``em-fit steer RUN --step S``: steer the base model with a point's misalignment direction, or ablate it
+from the fine-tuned model, sample the evaluation questions, judge them, and write the answers.
+
+    em-fit steer runs/em/version_0 --step 120 --alphas 0 0.25 0.5 1            # base model + alpha x direction
+    em-fit steer runs/em/version_0 --step 120 --ablate --alphas 0 1            # fine-tuned model minus it
+    em-fit steer runs/em/version_0 --step 120 --layers 12 15 18 --source-layer 15 --alphas 0 1
+
+Steering adds ``alpha x mean_norm[L] x unit direction`` to decoder layer L's output (mean_norm: the mean
+residual norm there over the answers the direction was computed on) with the adapter at scale 0 (the
+base model); ablation projects ``alpha x`` the direction out of the model of step S (alpha 1: entirely).
+Layers default to those the adapters write into. The direction is ``<run>/directions/step_S`` (from
+MechanisticProbes; ``--direction-step`` picks another). The model of step S is rebuilt from the trajectory
+(rank 1) or read from ``checkpoints/step_S.ckpt`` (``--ckpt``: any checkpoint), as ``em-fit eval`` does.
+Questions, sampling settings and the judge default to the run's own (its config.yaml). Writes
+``<run>/steering/step_XXXXXXX.jsonl`` (every record with alpha, mode, layers and every score; merged with
+other sweeps of that step), prints the EM and coherent rate per alpha and logs them to TensorBoard under
+``<run>/steering/`` (``mech/steer/<mode>/alpha_<a>/em_rate`` at step S).
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+import yaml
+from torch.utils.tensorboard import SummaryWriter
+
+from em_lightning.commands.eval import load_judge_config, load_model_for_eval
+from em_lightning.evaluation.questions import load_questions
+from em_lightning.evaluation.runner import judge_prompt_names, judge_records
+from em_lightning.evaluation.sampling import SamplingConfig
+from em_lightning.judges.cache import JudgeCache
+from em_lightning.judges.factory import prepare_judges
+from em_lightning.probes.directions import direction_path, direction_steps, load_direction
+from em_lightning.probes.steer_eval import (
+    STEERING,
+    default_layers,
+    steered_records,
+    steering_summary,
+    steering_tags,
+    write_steering,
+)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="em-fit steer", description=__doc__.split("\n\n")[0])
+    p.add_argument("run", type=Path, help="run directory")
+    p.add_argument("--step", type=int, required=True, help="the step whose model (ablation) and direction to use")
+    p.add_argument("--alphas", nargs="+", type=float, default=None,
+                   help="strengths (default: steer 0 0.25 0.5 1; ablate 0 1)")
+    p.add_argument("--ablate", action="store_true", help="project the direction out of the fine-tuned model")
+    p.add_argument("--layers", nargs="+", type=int, help="decoder layers (default: those the adapters write into)")
+    p.add_argument("--source-layer", type=int, help="use this layer's direction at every layer")
+    p.add_argument("--direction-step", type=int, help="direction of another step (default: --step)")
+    p.add_argument("--ckpt", type=Path, help="checkpoint of the model (default: trajectory, else step checkpoint)")
+    p.add_argument("--questions", nargs="+", help="question file(s) (default: the run's SampleGenerations)")
+    p.add_argument("--select", nargs="+", help="question ids or globs")
+    p.add_argument("--plain-only", action="store_true")
+    p.add_argument("--samples", type=int, help="samples per paraphrase (default: the run's)")
+    p.add_argument("--max-new-tokens", type=int)
+    p.add_argument("--temperature", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--judge-config", type=Path, help="InLoopJudge YAML (default: the run's config.yaml)")
+    p.add_argument("--no-judge", action="store_true", help="answers only")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return p
+
+
+def _run_callback(run: Path, name: str) -> dict | None:
+    config = yaml.safe_load((run / "config.yaml").read_text()) or {}
+    for cb in (config.get("trainer") or {}).get("callbacks") or []:
+        if isinstance(cb, dict) and str(cb.get("class_path", "")).endswith(name):
+            return cb.get("init_args") or {}
+    return None
+
+
+def _questions_and_sampling(args) -> tuple[list, SamplingConfig]:
+    own = _run_callback(args.run, "SampleGenerations") or {}
+    files = args.questions or own.get("questions")
+    if not files:
+        raise ValueError(f"{args.run}: no SampleGenerations in config.yaml: give --questions")
+    select = args.select if args.questions else (args.select or own.get("select"))
+    questions = load_questions(files, select, args.plain_only or (not args.questions and own.get("plain_only", False)))
+    sampling = SamplingConfig(**(own.get("sampling") or {}))
+    given = {"samples_per_paraphrase": args.samples, "max_new_tokens": args.max_new_tokens,
+             "temperature": args.temperature, "seed": args.seed, "batch_size": args.batch_size}
+    return questions, replace(sampling, **{k: v for k, v in given.items() if v is not None})
+
+
+def _judges(args, questions):
+    if args.no_judge:
+        return None, None
+    path = args.judge_config or args.run / "config.yaml"
+    if args.judge_config is None and _run_callback(args.run, "InLoopJudge") is None:
+        print(f"em-fit steer: {path} has no InLoopJudge: answers only (give --judge-config)")
+        return None, None
+    config = load_judge_config(path)
+    names = judge_prompt_names(questions, config.judge_prompts)
+    cache = JudgeCache(Path(config.cache_path or args.run / "judge_cache.sqlite")) if config.cache else None
+    try:
+        return prepare_judges({"*": config.judge, **config.judges}, names, cache), config.judge_prompts
+    except ValueError as exc:  # a missing API key: one line
+        raise ValueError(f"judge config {path}: {exc}") from None
+
+
+def _load(args, workdir: Path):
+    ckpt = args.ckpt
+    step_ckpt = args.run / "checkpoints" / f"step_{args.step:07d}.ckpt"
+    if ckpt is None and not (args.run / "trajectory" / "meta.json").is_file() and step_ckpt.exists():
+        ckpt = step_ckpt
+    source = argparse.Namespace(run=args.run, step=args.step, ckpt=ckpt, adapter=None, base=None)
+    return load_model_for_eval(source, workdir)
+
+
+def main(argv: list[str]) -> None:
+    args = _parser().parse_args(argv)
+    if not (args.run / "config.yaml").is_file():
+        raise ValueError(f"{args.run}: no config.yaml there (is it a run directory?)")
+    mode = "ablate" if args.ablate else "steer"
+    alphas = args.alphas if args.alphas is not None else ([0.0, 1.0] if args.ablate else [0.0, 0.25, 0.5, 1.0])
+    d_step = args.direction_step if args.direction_step is not None else args.step
+    if not direction_path(args.run, d_step).is_file():
+        have = direction_steps(args.run)
+        raise ValueError(f"{args.run}: no direction at step {d_step} (directions at steps {have or 'none'}; "
+                         "MechanisticProbes writes them at judged points)")
+    direction = load_direction(direction_path(args.run, d_step))
+    questions, sampling = _questions_and_sampling(args)
+    judges, names = _judges(args, questions)
+    with tempfile.TemporaryDirectory() as tmp:
+        model, tokenizer, step, what = _load(args, Path(tmp))
+    model.to(args.device).eval()
+    layers = args.layers or default_layers(model, direction)
+    records = steered_records(model, tokenizer, questions, sampling, args.step, direction, alphas, layers, mode,
+                              args.source_layer)
+    if judges is not None:
+        judge_records(records, questions, judges, names)
+    path = write_steering(args.run, args.step, records)
+    rows = steering_summary(records, questions)
+    print(f"{what}: {mode} with the direction of step {d_step} at layers {layers}: {len(records)} answers -> {path}")
+    for row in rows:
+        print(f"  alpha {row['alpha']:g}: em_rate {row['em_rate']:.3f}  coherent_rate {row['coherent_rate']:.3f}  "
+              f"aligned_mean {row['aligned_mean']:.1f}  ({row['n_scored']} scored of {row['n_total']})")
+    if judges is not None:
+        with SummaryWriter(str(args.run / STEERING)) as writer:
+            for tag, value in steering_tags(rows).items():
+                writer.add_scalar(tag, value, args.step)
