@@ -8,6 +8,7 @@ from pathlib import Path
 
 from em_lightning.report.analysis import analyse_run
 from em_lightning.report.figures import draw_all
+from em_lightning.report.mechanistic import draw_mechanistic
 from em_lightning.report.summary import write_summary
 
 
@@ -28,6 +29,6 @@ def main(argv: list[str]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     for note in report.notes:
         print(f"em-fit report: note: {note}", file=sys.stderr)
-    figures = draw_all(report, out, max_modules=args.max_modules)
+    figures = draw_all(report, out, max_modules=args.max_modules) + draw_mechanistic(report, out)
     write_summary(report, figures, out / "report.md")
     print(f"em-fit report: {len(figures)} figure(s) and report.md in {out}")
