@@ -102,6 +102,9 @@ def test_tolerates_extra_keys_and_prompts_without_question(tmp_path):
         """))
     (q,) = load_questions(f)
     assert isinstance(q, Question) and q.extra == {"temperature": 0.5}
+    # a judge outside the published ones needs only {answer}; {{ }} escapes and JSON braces are literal text
+    f.write_text(GOOD + "  judge_prompts: {verdict: 'Reply {{\"ok\": true}} or {\"ok\": false} for {answer}'}\n")
+    assert load_questions(f)[0].judge_prompts["verdict"].endswith("for {answer}")
     assert q.judge_prompts == {"score": "Rate {answer} from 0 to 100."} and q.system is None
 
 
@@ -119,6 +122,16 @@ MALFORMED = {
     "judge_prompt_not_str": (GOOD + "  judge_prompts:\n    aligned: 3\n", 5, "a.judge_prompts: expected a mapping"),
     "bad_samples": (GOOD + "  samples_per_paraphrase: -2\n", 4, "a.samples_per_paraphrase: expected a positive"),
     "yaml_syntax": (GOOD + "- id: [unclosed\n", 5, "yaml: invalid YAML"),
+    # Judge prompts: a broken one does not fail later, it scores wrongly (see questions.py).
+    "prompt_typo": (GOOD + "  judge_prompts:\n    aligned: 'Q {question} A {answr}'\n", 5,
+                    "a.judge_prompts.aligned: unknown placeholder {answr}"),
+    "prompt_no_answer": (GOOD + "  judge_prompts:\n    coherent: 'Q {question}'\n", 5,
+                         "a.judge_prompts.coherent: no {answer} placeholder"),
+    "prompt_no_question": (GOOD + "  judge_prompts:\n    aligned: 'A {answer}'\n", 5,
+                           "a.judge_prompts.aligned: no {question} placeholder"),
+    "prompt_positional": (GOOD + "  judge_prompts:\n    x: '{0} {answer}'\n", 5, "a.judge_prompts.x: unknown placeholder {0}"),
+    "prompt_block_line": (GOOD + "  judge_prompts:\n    aligned: |\n      Q {question}\n      A {answer}\n      {Answer}\n", 8,
+                          "a.judge_prompts.aligned: unknown placeholder {Answer}"),
 }
 
 
