@@ -12,7 +12,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from em_lightning.atomic_io import TMP_MARK, remove_stale_temporaries
 from em_lightning.callbacks.checkpointing import AtomicCheckpointIO, StepCheckpoint
-from em_lightning.checkpoint_check import check_resume_checkpoint
+from em_lightning.checkpoint_check import check_checkpoint, check_resume_checkpoint
 from em_lightning.callbacks.progress import StepProgressBar
 from em_lightning.checkpoints import checkpoint_global_step, checkpoint_run_limits
 from em_lightning.data import ChatDataModule
@@ -62,6 +62,16 @@ class EMFitCLI(LightningCLI):
         )
         super().__init__(EMFineTune, ChatDataModule, *args, **kwargs)
 
+    def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
+        super().parse_arguments(parser, args)
+        # LightningCLI reads an explicit --ckpt_path for its hyperparameters right after parsing: a corrupt
+        # file must be one line naming it, not an UnpicklingError traceback.
+        sub = self.config.get("subcommand")
+        ckpt = self.config[sub].get("ckpt_path") if sub else None
+        if ckpt and ckpt != "last" and Path(ckpt).is_file():
+            check_checkpoint(ckpt)
+            self._checked_ckpt = str(ckpt)
+
     def instantiate_trainer(self, **kwargs):
         # The step-counting bar, unless the user turned bars off or brought their own.
         trainer_cfg = self.config_init[self.subcommand]["trainer"]
@@ -107,12 +117,24 @@ class EMFitCLI(LightningCLI):
         from. (Question files were checked when the callbacks were built, options by their classes.)"""
         self.datamodule.load_rows()
         self.datamodule.setup(self.subcommand)  # encodes every row; Lightning's own setup call then returns
+        self._check_val_interval()
         cfg = self.config_init[self.subcommand]
         asked = cfg.get("ckpt_path")
         if asked == "last":
             cfg["ckpt_path"] = str(self._resolve_last())
-        if cfg.get("ckpt_path"):
+        if cfg.get("ckpt_path") and str(cfg["ckpt_path"]) != getattr(self, "_checked_ckpt", None):
             check_resume_checkpoint(cfg["ckpt_path"], resolved_from_last=asked == "last")
+
+    def _check_val_interval(self) -> None:
+        # Lightning checks this only when the fit loop starts, after the run directory exists.
+        t, dm = self.trainer, self.datamodule
+        if (self.subcommand != "fit" or not isinstance(t.val_check_interval, int) or t.check_val_every_n_epoch is None
+                or t.limit_val_batches == 0 or t.limit_train_batches != 1.0):
+            return
+        batches = -(-(-(-len(dm.train_set) // t.world_size)) // dm.batch_size)  # per rank, equal shards
+        if t.val_check_interval > batches:
+            raise ValueError(f"trainer.val_check_interval: {t.val_check_interval} is more than the {batches} training "
+                             "batches of an epoch; lower it, or set trainer.check_val_every_n_epoch: null")
 
     def _claim_run_dir(self) -> None:
         """One writer per run directory. Rank 0 creates a fresh run's ``version_N`` exclusively (two runs
