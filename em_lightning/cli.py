@@ -61,9 +61,14 @@ def main(argv: list[str] | None = None) -> None:
             e = e.__cause__
         _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
     except OSError as e:  # a full disk, a read-only run directory: one line when the error names its path
-        if os.environ.get("EM_DEBUG") or not e.filename:
+        # A full disk also fails the teardown's writes (TensorBoard's flush): report the first error
+        # that names a path, the one that happened first.
+        named = e
+        while named is not None and not (isinstance(named, OSError) and named.filename):
+            named = named.__context__
+        if os.environ.get("EM_DEBUG") or named is None:
             raise
-        _fail(f"{e.filename}: {e.strerror or e}")
+        _fail(f"{named.filename}: {named.strerror or named}")
 
 
 if __name__ == "__main__":
