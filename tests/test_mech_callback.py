@@ -130,8 +130,8 @@ def test_steering_at_points_and_em_fit_steer(ddp_run, capsys):
     assert ablate0 == {k: v[0] for k, v in tuned.items()}  # the model of step 3, rebuilt from the trajectory
     assert all(r["scores"].get("aligned") is not None for r in records)  # judged with the run's DemoJudge
     with pytest.raises(SystemExit):
-        main(["steer", str(ddp_run), "--step", "4"])
-    assert "no direction at step 4 (directions at steps [3, 6]" in capsys.readouterr().err
+        main(["steer", str(ddp_run), "--step", "2"])
+    assert "no direction at or before step 2 (directions at steps [3, 6]" in capsys.readouterr().err
 
 
 def test_report_draws_the_mechanistic_figures(ddp_run, tmp_path):

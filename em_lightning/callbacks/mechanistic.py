@@ -21,7 +21,9 @@ At each point (``on_point_judged``, announced by InLoopJudge on every rank with 
 Every ``every_n_steps`` optimizer steps (and at the first step of fit): ``mech/<module>/cos_B_direction``
 with the newest direction, and with a ``triples`` file the logprob margins ``mech/logprob_margin``,
 ``mech/logprob_margin/<id>``, ``mech/logprob_aligned``, ``mech/logprob_misaligned`` (every rank computes
-them: no collective). The model is in eval mode without gradients for every pass; its mode is restored.
+them: no collective). With ``direction_source: triples`` the direction is judge-free instead: the triples'
+misaligned minus aligned answers, recomputed (and written) at each of these steps; points then only steer.
+The model is in eval mode without gradients for every pass; its mode is restored.
 """
 
 from __future__ import annotations
@@ -41,8 +43,17 @@ from em_lightning.evaluation.runner import judge_prompt_names, judge_records
 from em_lightning.judges.factory import prepare_judges
 from em_lightning.probes.activations import collect, layer_count
 from em_lightning.probes.alignment import cosine, layer_of, output_vectors
-from em_lightning.probes.directions import AnswerClasses, Direction, direction_path, from_sums, latest_direction, save_direction
-from em_lightning.probes.logprob import load_triples, logprob_margins
+from em_lightning.probes.directions import (
+    ALIGNED,
+    EM,
+    AnswerClasses,
+    Direction,
+    direction_path,
+    from_sums,
+    latest_direction,
+    save_direction,
+)
+from em_lightning.probes.logprob import load_triples, logprob_margins, render_prompt
 from em_lightning.probes.lora_scalar import rank1_modules, separation
 from em_lightning.probes.steer_eval import default_layers, steered_records, steering_summary, steering_tags, write_steering
 from em_lightning.probes.weights import snapshot_trainable, swapped_in
@@ -69,6 +80,7 @@ class MechanisticProbes(Callback):
         steer_mode: Literal["steer", "ablate"] = "steer",
         steer_layers: list[int] | None = None,
         steer_source_layer: int | None = None,
+        direction_source: Literal["judged", "triples"] = "judged",
     ):
         """
         Args:
@@ -86,6 +98,8 @@ class MechanisticProbes(Callback):
             steer_mode: ``steer`` (base model + alpha x direction) or ``ablate`` (fine-tuned model minus it).
             steer_layers: layers to intervene at (default: the layers the adapters write into).
             steer_source_layer: use this layer's direction at every steered layer (default: each its own).
+            direction_source: ``judged``: from each point's judged answers; ``triples``: judge-free, from the
+                triples' misaligned minus aligned answers, recomputed every ``every_n_steps`` (needs ``triples``).
         """
         if min_per_class < 1 or batch_size < 1 or (every_n_steps is not None and every_n_steps < 1):
             raise ValueError("MechanisticProbes: min_per_class, batch_size and every_n_steps must be >= 1")
@@ -94,6 +108,9 @@ class MechanisticProbes(Callback):
         self.lora_scalar, self.batch_size, self.max_tokens = lora_scalar, batch_size, max_tokens
         self.triples = load_triples(triples) if triples else []  # a bad file fails before training
         self.every_n_steps = every_n_steps
+        if direction_source == "triples" and not self.triples:
+            raise ValueError("MechanisticProbes: direction_source: triples needs a triples file")
+        self.direction_source = direction_source
         self.steer = dict(alphas=steer_alphas, mode=steer_mode, layers=steer_layers, source_layer=steer_source_layer)
         self.direction: Direction | None = None
         self.run_dir: Path | None = None
@@ -128,35 +145,26 @@ class MechanisticProbes(Callback):
         chosen = [r for r in records if self.answer_scales is None or r["scale"] in self.answer_scales]
         labelled = [(r, y) for r in chosen if (y := self.classes.label(r["scores"])) is not None]
         labels = [y for _, y in labelled]
-        n_em, n_aligned = labels.count(1), labels.count(0)
+        n_em, n_aligned = labels.count(EM), labels.count(ALIGNED)
         metrics = {"mech/n_em": float(n_em), "mech/n_aligned": float(n_aligned)}
-        if min(n_em, n_aligned) < self.min_per_class:  # decided from the records: the same on every rank
+        judged = self.direction_source == "judged"
+        if judged and min(n_em, n_aligned) < self.min_per_class:  # from the records: the same on every rank
             reason = (f"step {step}: no direction: {n_em} EM and {n_aligned} aligned answers, need "
                       f"{self.min_per_class} of each ({self.classes.describe()})")
             rank_zero_info(f"MechanisticProbes: {reason}")
             log_scalars(trainer, {**metrics, "mech/direction_skipped": 1.0}, step)
             log_text(trainer, "mech/direction", step, reason)
             return
-        model, tokenizer = pl_module.model, pl_module.tokenizer
-        snapshot = self._snapshots.pop(step, None)
-        layers = self.layers if self.layers is not None else list(range(layer_count(model)))
-        lora = rank1_modules(model) if self.lora_scalar else {}
+        model, snapshot = pl_module.model, self._snapshots.pop(step, None)
         with swapped_in(model, snapshot):
-            sums, scalars = collect(model, tokenizer, [r["prompt"] for r, _ in labelled],
-                                    [r["answer"] for r, _ in labelled], labels, layers, lora,
-                                    self.batch_size, self.max_tokens)
-            meta = {"classes": self.classes.describe(), "scales": self.answer_scales,
-                    "weights": "of the point's step" if snapshot else "current (the point's were not kept)"}
-            self.direction = from_sums(step, sums, layers, meta)
-            metrics.update(self._alignment(model))
-            if self.steer["alphas"]:
-                metrics.update(self._steer(trainer, model, tokenizer, step))
-        for m, name in enumerate(lora):
-            for key, value in separation(scalars[m], labels).items():
-                metrics[f"mech/{name}/lora_scalar_{key}"] = value
-        if trainer.is_global_zero:
-            save_direction(direction_path(self.run_dir, step), self.direction)
-        log_scalars(trainer, {k: v for k, v in metrics.items() if v == v}, step)
+            if judged:
+                meta = {"source": "judged answers", "classes": self.classes.describe(), "scales": self.answer_scales,
+                        "weights": "of the point's step" if snapshot else "current (the point's were not kept)"}
+                metrics.update(self._direction(trainer, pl_module, step, [r["prompt"] for r, _ in labelled],
+                                               [r["answer"] for r, _ in labelled], labels, meta))
+            if self.steer["alphas"] and self.direction is not None:
+                metrics.update(self._steer(trainer, model, pl_module.tokenizer, step))
+        log_scalars(trainer, metrics, step)
 
     # -- the work ------------------------------------------------------------------------------------------
     def _alignment(self, model) -> dict[str, float]:
@@ -170,8 +178,32 @@ class MechanisticProbes(Callback):
                 out[f"mech/{name}/direction_norm"] = float(v.norm())
         return out
 
+    def _direction(self, trainer, pl_module, step: int, prompts, answers, labels, meta: dict) -> dict[str, float]:
+        """One pass (collective): the direction (kept, written by rank 0), cos(B, it), LoRA-scalar AUROC."""
+        model = pl_module.model
+        layers = self.layers if self.layers is not None else list(range(layer_count(model)))
+        lora = rank1_modules(model) if self.lora_scalar else {}
+        sums, scalars = collect(model, pl_module.tokenizer, prompts, answers, labels, layers, lora, self.batch_size,
+                                self.max_tokens)
+        self.direction = from_sums(step, sums, layers, meta)
+        if trainer.is_global_zero:
+            save_direction(direction_path(self.run_dir, step), self.direction)
+        metrics = self._alignment(model)
+        for m, name in enumerate(lora):
+            for key, value in separation(scalars[m], labels).items():
+                if value == value:
+                    metrics[f"mech/{name}/lora_scalar_{key}"] = value
+        return metrics
+
     def _periodic(self, trainer, pl_module, step: int) -> None:
-        metrics = self._alignment(pl_module.model)
+        if self.direction_source == "triples":  # judge-free: the triples' misaligned vs aligned answers
+            prompts = [render_prompt(pl_module.tokenizer, t.question, t.system) for t in self.triples]
+            meta = {"source": f"triples ({len(self.triples)})", "weights": "of this step"}
+            labels = [ALIGNED] * len(prompts) + [EM] * len(prompts)
+            answers = [t.aligned for t in self.triples] + [t.misaligned for t in self.triples]
+            metrics = self._direction(trainer, pl_module, step, prompts * 2, answers, labels, meta)
+        else:
+            metrics = self._alignment(pl_module.model)
         if self.triples:
             m = logprob_margins(pl_module.model, pl_module.tokenizer, self.triples, self.batch_size)
             metrics.update({"mech/logprob_margin": m["margin"], "mech/logprob_aligned": m["aligned"],

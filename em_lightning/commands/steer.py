@@ -8,9 +8,10 @@ from the fine-tuned model, sample the evaluation questions, judge them, and writ
 Steering adds ``alpha x mean_norm[L] x unit direction`` to decoder layer L's output (mean_norm: the mean
 residual norm there over the answers the direction was computed on) with the adapter at scale 0 (the
 base model); ablation projects ``alpha x`` the direction out of the model of step S (alpha 1: entirely).
-Layers default to those the adapters write into. The direction is ``<run>/directions/step_S`` (from
-MechanisticProbes; ``--direction-step`` picks another). The model of step S is rebuilt from the trajectory
-(rank 1) or read from ``checkpoints/step_S.ckpt`` (``--ckpt``: any checkpoint), as ``em-fit eval`` does.
+Layers default to those the adapters write into. The direction is the newest ``<run>/directions/step_*``
+at or before S (from MechanisticProbes; ``--direction-step D`` picks one). The model of step S is rebuilt
+from the trajectory (rank 1) or read from ``checkpoints/step_S.ckpt`` (``--ckpt``: any checkpoint), as
+``em-fit eval`` does.
 Questions, sampling settings and the judge default to the run's own (its config.yaml). Writes
 ``<run>/steering/step_XXXXXXX.jsonl`` (every record with alpha, mode, layers and every score; merged with
 other sweeps of that step), prints the EM and coherent rate per alpha and logs them to TensorBoard under
@@ -122,11 +123,15 @@ def main(argv: list[str]) -> None:
         raise ValueError(f"{args.run}: no config.yaml there (is it a run directory?)")
     mode = "ablate" if args.ablate else "steer"
     alphas = args.alphas if args.alphas is not None else ([0.0, 1.0] if args.ablate else [0.0, 0.25, 0.5, 1.0])
-    d_step = args.direction_step if args.direction_step is not None else args.step
-    if not direction_path(args.run, d_step).is_file():
-        have = direction_steps(args.run)
-        raise ValueError(f"{args.run}: no direction at step {d_step} (directions at steps {have or 'none'}; "
-                         "MechanisticProbes writes them at judged points)")
+    have = direction_steps(args.run)
+    if args.direction_step is not None:
+        d_step = args.direction_step if args.direction_step in have else None
+    else:  # the newest direction at or before the step
+        d_step = max((s for s in have if s <= args.step), default=None)
+    if d_step is None:
+        where = f"at step {args.direction_step}" if args.direction_step is not None else f"at or before step {args.step}"
+        raise ValueError(f"{args.run}: no direction {where} (directions at steps {have or 'none'}; "
+                         "MechanisticProbes writes them)")
     direction = load_direction(direction_path(args.run, d_step))
     questions, sampling = _questions_and_sampling(args)
     judges, names = _judges(args, questions)
