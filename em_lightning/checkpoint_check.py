@@ -31,11 +31,12 @@ def check_checkpoint(path: str | Path) -> None:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such checkpoint")
     try:
-        if zipfile.is_zipfile(path):
-            with zipfile.ZipFile(path) as archive:
-                bad = archive.testzip()
-            if bad is not None:
-                raise CheckpointError(f"{path}: corrupt checkpoint (checksum mismatch in {bad})")
+        if not zipfile.is_zipfile(path):  # torch.save has written zip archives since torch 1.6
+            raise CheckpointError(f"{path}: corrupt checkpoint (not a complete zip archive: truncated, or not a checkpoint)")
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+        if bad is not None:
+            raise CheckpointError(f"{path}: corrupt checkpoint (checksum mismatch in {bad})")
         state = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
     except CheckpointError:
         raise
