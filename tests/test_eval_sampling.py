@@ -119,7 +119,7 @@ def test_stops_at_any_eos_greedy_and_sampled(tiny):
     prompt = tok(build_requests(load_questions(DEMO), tok, _cfg())[0].prompt, add_special_tokens=False)["input_ids"]
     eos = [tok.eos_token_id]
     for settings in (DecodeSettings(temperature=0, max_new_tokens=8), DecodeSettings(top_k=50, max_new_tokens=8)):
-        run = lambda ids: decode(model, [prompt], [0, 0], [random.Random(5), random.Random(6)], settings, ids, tok.pad_token_id)
+        run = lambda ids: decode(model, [prompt], [0, 0], [5, 6], settings, ids, tok.pad_token_id)
         (full0, done0), (full1, _) = run(eos)
         assert len(full0) == 8 and not done0
         k = _first_fresh(full0)

@@ -14,14 +14,13 @@ So here a setting left at None is taken from ``model.generation_config`` (when
 from __future__ import annotations
 
 import hashlib
-import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from em_lightning.evaluation.decoding import DecodeSettings, decode
+from em_lightning.evaluation.decoding import SAMPLER, DecodeSettings, decode
 from em_lightning.evaluation.questions import Question
 
 DEFAULT_SAMPLES_PER_PARAPHRASE = 50  # the published protocol (the YAML files say 100; the code used 50)
@@ -76,6 +75,7 @@ class SamplingConfig:
             samples_per_paraphrase=self.samples_per_paraphrase,
             eos_token_ids=eos_token_ids(model, tokenizer),
             from_generation_config=taken,
+            sampler=SAMPLER,
         )
         return out
 
@@ -151,7 +151,8 @@ def build_requests(questions: Sequence[Question], tokenizer, config: SamplingCon
 
 
 def row_seed(seed: int, step: int, question_id: str, paraphrase_index: int, sample_index: int) -> int:
-    """A stable 64-bit seed (hashlib: Python's hash() changes between processes)."""
+    """A stable 64-bit seed (hashlib: Python's hash() changes between processes); the answer's uniforms
+    are the SplitMix64 stream of this seed (``decoding.row_uniforms``)."""
     text = f"{seed}\x1f{step}\x1f{question_id}\x1f{paraphrase_index}\x1f{sample_index}"
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
 
@@ -161,38 +162,38 @@ def _generate(model, tokenizer, requests, config, step, all_done=None) -> list[G
     eos = eos_token_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
     encoded: dict[str, list[int]] = {}
-    results: list[Generation] = []
+    for r in requests:  # templates already hold bos/special tokens
+        if r.prompt not in encoded:
+            encoded[r.prompt] = tokenizer(r.prompt, add_special_tokens=False)["input_ids"]
+    # Batches of similar prompt length (less left padding to attend over); answers do not depend on it.
+    order = sorted(range(len(requests)), key=lambda i: (len(encoded[requests[i].prompt]), requests[i].prompt))
+    results: list[Generation | None] = [None] * len(requests)
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            for start in range(0, len(requests), config.batch_size):
-                batch = requests[start : start + config.batch_size]
+            for start in range(0, len(order), config.batch_size):
+                batch = [(i, requests[i]) for i in order[start : start + config.batch_size]]
                 unique: dict[str, int] = {}  # prompt text -> index of its prefill row
-                for r in batch:
+                for _, r in batch:
                     unique.setdefault(r.prompt, len(unique))
-                    if r.prompt not in encoded:  # templates already hold bos/special tokens
-                        encoded[r.prompt] = tokenizer(r.prompt, add_special_tokens=False)["input_ids"]
-                rngs = [random.Random(row_seed(config.seed, step, *r.key)) for r in batch]
                 outs = decode(
                     model,
                     [encoded[p] for p in unique],
-                    [unique[r.prompt] for r in batch],
-                    rngs,
+                    [unique[r.prompt] for _, r in batch],
+                    [row_seed(config.seed, step, *r.key) for _, r in batch],
                     settings,
                     eos,
                     pad,
                     all_done,
                 )
-                for r, (tokens, finished) in zip(batch, outs):
+                for (i, r), (tokens, finished) in zip(batch, outs):
                     answer = tokenizer.decode(tokens, skip_special_tokens=True)
                     system = r.messages[0]["content"] if r.messages[0]["role"] == "system" else None
-                    results.append(
-                        Generation(*r.key, r.prompt, answer, len(tokens), finished, r.question, system)
-                    )
+                    results[i] = Generation(*r.key, r.prompt, answer, len(tokens), finished, r.question, system)
     finally:
         model.train(was_training)
-    return results
+    return results  # type: ignore[return-value]
 
 
 def generate(model, tokenizer, requests: Sequence[SampleRequest], config: SamplingConfig, step: int) -> list[Generation]:
