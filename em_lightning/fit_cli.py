@@ -146,7 +146,10 @@ class EMFitCLI(LightningCLI):
         logger = self.trainer.logger
         if logger is not None and hasattr(logger, "root_dir") and getattr(logger, "_version", 0) is None:
             logger._version = reserve_version(logger.root_dir)  # TensorBoard/CSV loggers pick it lazily: pin it
-        run_dir = Path(self.trainer.log_dir)  # no process group yet: the local value, no broadcast
+        log_dir = self.trainer.log_dir  # no process group yet: the local value, no broadcast
+        if log_dir is None:  # a logger with no local folder: nothing of the run is written here
+            return
+        run_dir = Path(log_dir)
         self._run_dir_lock = RunDirLock(run_dir)
         remove_stale_temporaries(run_dir)  # what a killed writer left; no other writer can be alive now
 

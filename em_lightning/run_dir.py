@@ -50,6 +50,7 @@ class RunDirLock:
     """An exclusive, non-blocking lock on a run directory, held until ``release`` or process exit."""
 
     def __init__(self, run_dir: str | Path):
+        self._fd: int | None = None
         self.run_dir = Path(run_dir)
         path = self.run_dir / LOCK_FILE
         try:
@@ -67,7 +68,7 @@ class RunDirLock:
                 f"{self.run_dir}: in use by another em-fit process ({_holder(path)}); one run directory has one "
                 "writer: wait for that run to end, or start a new run (without this config.yaml)"
             ) from None
-        self._fd: int | None = fd
+        self._fd = fd
         try:  # who holds it, for the message a second process prints
             os.ftruncate(fd, 0)
             os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
@@ -78,6 +79,9 @@ class RunDirLock:
         if self._fd is not None:
             os.close(self._fd)  # closing the descriptor releases the flock
             self._fd = None
+
+    def __del__(self) -> None:  # an in-process caller (tests, notebooks) that drops it frees the directory
+        self.release()
 
     def __enter__(self) -> RunDirLock:
         return self
