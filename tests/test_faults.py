@@ -424,3 +424,36 @@ def test_resume_of_a_directory_held_by_a_live_process_is_refused(tmp_path, capsy
     finally:
         holder.kill()
         holder.wait()
+
+
+# -- the library pieces, without a run --------------------------------------------------------------------------
+def test_atomic_write_keeps_the_previous_file_when_the_write_fails(tmp_path):
+    from em_lightning.atomic_io import atomic_write
+
+    target = atomic_write(tmp_path / "f.json", "old")
+
+    def half_then_fail(f):
+        f.write(b"new, half")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError) as info:
+        atomic_write(target, half_then_fail)
+    assert info.value.filename == str(target) and "keeps its previous content" in info.value.strerror
+    assert target.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["f.json"]
+
+
+def test_reserve_version_is_exclusive_under_a_race(tmp_path):
+    from em_lightning.run_dir import reserve_version
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        versions = list(pool.map(lambda _: reserve_version(tmp_path / "smoke"), range(16)))
+    assert sorted(versions) == list(range(16))
+
+
+def test_newest_intact_skips_corrupt_step_checkpoints(tmp_path):
+    from em_lightning.checkpoint_check import newest_intact
+
+    for step in (2, 4, 6):
+        torch.save({"global_step": step, "state_dict": {}}, tmp_path / f"step_{step:07d}.ckpt")
+    _truncate(tmp_path / "step_0000006.ckpt")
+    assert newest_intact(tmp_path) == tmp_path / "step_0000004.ckpt"
