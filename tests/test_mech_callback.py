@@ -77,7 +77,8 @@ def test_ddp_direction_equals_one_process_recomputation(ddp_run, tmp_path):
         assert dict(scalars(ddp_run, "mech/n_em"))[step] == labels.count(1)
         assert saved.meta["weights"] == "of the point's step"
         # One process, the model of that step (its checkpoint), the judged answers of that step.
-        args = Namespace(ckpt=ddp_run / "checkpoints" / f"step_{step:07d}.ckpt", run=None, step=None, adapter=None, base=None)
+        ckpt = ddp_run / "checkpoints" / f"step_{step:07d}.ckpt"
+        args = Namespace(ckpt=ckpt, run=None, step=None, adapter=None, base=None)
         model, tokenizer, _, _ = load_model_for_eval(args, tmp_path)
         lora = rank1_modules(model)
         sums, scalars_ = collect(model.eval(), tokenizer, [r["prompt"] for r, _ in labelled],
@@ -125,7 +126,7 @@ def test_steering_at_points_and_em_fit_steer(ddp_run, capsys):
     out = capsys.readouterr().out
     assert "ablate with the direction of step 3 at layers [2]" in out and "alpha 1: em_rate" in out
     records = read_jsonl(ddp_run / "steering" / "step_0000003.jsonl")  # merged with the callback's sweep
-    assert {(r["mode"], r["alpha"]) for r in records} == {("steer", 0.0), ("steer", 1.0), ("ablate", 0.0), ("ablate", 1.0)}
+    assert {(r["mode"], r["alpha"]) for r in records} == {(m, a) for m in ("steer", "ablate") for a in (0.0, 1.0)}
     ablate0 = {key(r): r["answer"] for r in records if r["mode"] == "ablate" and r["alpha"] == 0.0}
     assert ablate0 == {k: v[0] for k, v in tuned.items()}  # the model of step 3, rebuilt from the trajectory
     assert all(r["scores"].get("aligned") is not None for r in records)  # judged with the run's DemoJudge

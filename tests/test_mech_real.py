@@ -41,7 +41,8 @@ EVAL = {"trainer": {"callbacks+": [
 def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("mech_real")
     preset = yaml.safe_load((REPO / "callbacks" / "mechanistic.yaml").read_text())
-    lines = [x for x in (REPO / "configs" / "probes" / "demo_triples.jsonl").read_text().splitlines() if x.startswith("{")]
+    demo = (REPO / "configs" / "probes" / "demo_triples.jsonl").read_text().splitlines()
+    lines = [x for x in demo if x.startswith("{")]
     (root / "triples.jsonl").write_text("\n".join(lines[2:5]) + "\n")  # 3 triples: a short pass on 2 cores
     preset["trainer"]["callbacks+"][0]["init_args"].update(every_n_steps=4, direction_source="triples",
                                                            triples=str(root / "triples.jsonl"))
@@ -51,7 +52,8 @@ def run(tmp_path_factory):
               "--config", str(root / "eval.yaml"), "--config", str(root / "mech.yaml"),
               "--trainer.max_steps", str(STEPS), "--checkpoint.every_n_train_steps", str(STEPS),
               "--data.max_length", "128", "--data.val_fraction", "0.05", "--model.lr", "1e-3",
-              "--model.warmup_steps", "1", "--model.validate_before_training", "false", "--trainer.limit_val_batches", "0",
+              "--model.warmup_steps", "1", "--model.validate_before_training", "false",
+              "--trainer.limit_val_batches", "0",
               "--trainer.enable_progress_bar", "false",
               "--trainer.default_root_dir", str(root / "runs"), timeout=900))
     (run_dir,) = [p.parent for p in (root / "runs").rglob("config.yaml")]

@@ -55,7 +55,13 @@ from em_lightning.probes.directions import (
 )
 from em_lightning.probes.logprob import load_triples, logprob_margins, render_prompt
 from em_lightning.probes.lora_scalar import rank1_modules, separation
-from em_lightning.probes.steer_eval import default_layers, steered_records, steering_summary, steering_tags, write_steering
+from em_lightning.probes.steer_eval import (
+    default_layers,
+    steered_records,
+    steering_summary,
+    steering_tags,
+    write_steering,
+)
 from em_lightning.probes.weights import snapshot_trainable, swapped_in
 from em_lightning.sharding import is_sharded
 

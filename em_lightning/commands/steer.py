@@ -129,7 +129,7 @@ def main(argv: list[str]) -> None:
     else:  # the newest direction at or before the step
         d_step = max((s for s in have if s <= args.step), default=None)
     if d_step is None:
-        where = f"at step {args.direction_step}" if args.direction_step is not None else f"at or before step {args.step}"
+        where = f"at or before step {args.step}" if args.direction_step is None else f"at step {args.direction_step}"
         raise ValueError(f"{args.run}: no direction {where} (directions at steps {have or 'none'}; "
                          "MechanisticProbes writes them)")
     direction = load_direction(direction_path(args.run, d_step))

@@ -34,7 +34,8 @@ def _replace(output, hidden: torch.Tensor):
     return hidden if isinstance(output, torch.Tensor) else (hidden, *output[1:])
 
 
-def layer_units(direction: Direction, layers: Sequence[int], source_layer: int | None = None) -> dict[int, torch.Tensor]:
+def layer_units(direction: Direction, layers: Sequence[int],
+                source_layer: int | None = None) -> dict[int, torch.Tensor]:
     """{layer: unit vector}: each layer's own direction, or ``source_layer``'s at every layer (the papers
     also ablate one layer's direction everywhere)."""
     missing = [L for L in ([source_layer] if source_layer is not None else layers) if L not in direction.vectors]
