@@ -186,8 +186,7 @@ class InLoopJudge(Callback):
         rank_zero_info(f"evaluation plan: {len(points)} points from step {step} to {end}, {answers} answers, "
                        f"{calls} judge calls{budget}; written to {self.run_dir / 'evaluation_plan.json'}")
         if trainer.is_global_zero:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "evaluation_plan.json").write_text(json.dumps(plan, indent=1))
+            atomic_write(self.run_dir / "evaluation_plan.json", json.dumps(plan, indent=1))
 
     # -- the event -------------------------------------------------------------------------------------
     def on_generations(self, trainer, pl_module, step: int, records: list[dict], settings: dict) -> None:
