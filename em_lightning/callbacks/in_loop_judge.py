@@ -33,6 +33,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from em_lightning.atomic_io import atomic_write
 from em_lightning.callbacks.events import announce, resolve_run_dir
 from em_lightning.callbacks.sample_generations import SampleGenerations
 from em_lightning.evaluation.plan import answers_per_point, judge_calls_per_point, planned_points
