@@ -6,7 +6,9 @@ temperature 1, top_p 1, on a CPU tiny Qwen2 of the shape used for the baselines 
 sampling ~790 tok/s at 64 new tokens, measured on this machine kind, not re-run here).
 
 (a) em-lightning: ``generate(model, tokenizer, build_requests(...), SamplingConfig(...), step=0)``
-    -- rows batched across questions, each prompt prefilled once, per-row seeded inverse-CDF sampling.
+    -- rows batched across questions, each prompt prefilled once, per-row counter-based uniforms
+    (SplitMix64 of the row seed and step), inverse-CDF sampling over the top-k candidates only, a
+    preallocated KV cache, stopped rows dropped from the batch.
 (b) reference approach (the public evaluation code): per question, one
     ``model.generate(**inputs, do_sample=True, temperature=1, top_p=1, max_new_tokens=N,
     num_return_sequences=50)`` call.
@@ -16,8 +18,13 @@ generation_config and fills top_k 50 when nothing sets it; SamplingConfig leaves
 repetition_penalty at None so it resolves them the same way. A random tiny model almost never emits
 its stop token, so nearly every answer runs to max_new_tokens in both (the token counts show it).
 
+Wall time and process CPU time are both reported: on a shared machine the process is descheduled for
+long stretches (other jobs), which moves wall time far more than CPU time. With one torch thread (the
+default) the final ``ratio:`` line is the CPU-time ratio -- on a quiet machine single-threaded CPU time is
+the wall time; with more threads it is the wall-time ratio.
+
     python scripts/bench_eval_point.py [--max-new-tokens 64] [--samples 50] [--questions-limit 8]
-                                       [--batch-size 100] [--repeats 1] [--threads 1]
+                                       [--batch-size 100] [--repeats 1] [--threads 1] [--profile 0]
 """
 
 from __future__ import annotations
@@ -48,20 +55,20 @@ def count_generated(rows: torch.Tensor, eos: set[int]) -> int:
     return total
 
 
-def run_em_lightning(model, tok, questions, config) -> tuple[float, int, int]:
-    t0 = time.perf_counter()
+def run_em_lightning(model, tok, questions, config) -> tuple[float, float, int, int]:
+    t0, c0 = time.perf_counter(), time.process_time()
     requests = build_requests(questions, tok, config)
     gens = generate(model, tok, requests, config, step=0)
-    elapsed = time.perf_counter() - t0
+    elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
     tokens = sum(g.n_tokens + int(g.finished) for g in gens)  # + the stop token, as counted for (b)
-    return elapsed, tokens, len(gens)
+    return elapsed, cpu, tokens, len(gens)
 
 
-def run_reference(model, tok, questions, samples, max_new_tokens, seed) -> tuple[float, int, int]:
+def run_reference(model, tok, questions, samples, max_new_tokens, seed) -> tuple[float, float, int, int]:
     eos = set(eos_token_ids(model, tok))
     torch.manual_seed(seed)
     tokens = answers = 0
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     with torch.no_grad():
         for q in questions:
             for text in q.paraphrases:
@@ -73,7 +80,7 @@ def run_reference(model, tok, questions, samples, max_new_tokens, seed) -> tuple
                 new = out[:, inputs["input_ids"].shape[1]:]
                 tokens += count_generated(new, eos)
                 answers += new.shape[0]
-    return time.perf_counter() - t0, tokens, answers
+    return time.perf_counter() - t0, time.process_time() - c0, tokens, answers
 
 
 def main() -> None:
@@ -88,6 +95,8 @@ def main() -> None:
                    help="torch.set_num_threads; 0 = torch's choice (one per core). Default 1: on a shared, loaded "
                         "2-core machine two OpenMP threads ran ~10x slower than one (threads spin-wait at barriers)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="after the timed rounds, one more round of each under torch.profiler: print its top N ops")
     args = p.parse_args()
     print("command:", shlex.join([sys.executable, *sys.argv]))
     if args.threads:
@@ -118,30 +127,50 @@ def main() -> None:
               "eos_token_id": gc.eos_token_id}, f"one generate call per question, num_return_sequences {args.samples}")
     except Exception as e:  # noqa: BLE001 - informational only
         print(f"(b) reference effective settings: unavailable ({type(e).__name__}: {e})")
-    print("differences: (a) draws one uniform per row and step from a per-row seeded RNG (inverse CDF); "
-          "(b) torch.multinomial on the global torch RNG -- same distribution, different random streams. "
-          "(a) stops a batch when all its rows hit eos, (b) when all 50 sequences of the question do.")
+    print("differences: (a) draws one uniform per row and step, SplitMix64(row seed, step), inverse CDF over the "
+          "top-k candidates; (b) torch.multinomial over the masked vocabulary on the global torch RNG -- same "
+          "distribution, different random streams. (a) drops rows from its batch as they hit eos, (b) keeps all "
+          "50 sequences of a question until every one has.")
 
     # Warm-up (first-call overheads: allocator, kernels, generate's set-up), not timed.
     run_em_lightning(model, tok, questions[:1], SamplingConfig(samples_per_paraphrase=4, max_new_tokens=4))
     run_reference(model, tok, questions[:1], 4, 4, args.seed)
 
-    a_times, b_times = [], []
+    a_times, b_times, a_cpu, b_cpu = [], [], [], []
     a_tokens = b_tokens = a_n = b_n = 0
     for r in range(args.repeats):
         order = ("a", "b") if r % 2 == 0 else ("b", "a")
         for which in order:
             if which == "a":
-                t, a_tokens, a_n = run_em_lightning(model, tok, questions, config)
+                t, c, a_tokens, a_n = run_em_lightning(model, tok, questions, config)
                 a_times.append(t)
+                a_cpu.append(c)
             else:
-                t, b_tokens, b_n = run_reference(model, tok, questions, args.samples, args.max_new_tokens, args.seed)
+                t, c, b_tokens, b_n = run_reference(model, tok, questions, args.samples, args.max_new_tokens, args.seed)
                 b_times.append(t)
-            print(f"  round {r + 1} ({which}): {t:.2f} s", flush=True)
+                b_cpu.append(c)
+            print(f"  round {r + 1} ({which}): {t:.2f} s wall, {c:.2f} s CPU", flush=True)
     ta, tb = statistics.median(a_times), statistics.median(b_times)
-    print(f"(a) em-lightning generate:  {a_n} answers, {a_tokens} generated tokens, {ta:.2f} s, {a_tokens / ta:,.0f} tok/s")
-    print(f"(b) reference (per question): {b_n} answers, {b_tokens} generated tokens, {tb:.2f} s, {b_tokens / tb:,.0f} tok/s")
-    print(f"ratio: wall time (b)/(a) = {tb / ta:.2f}x; throughput (a)/(b) = {(a_tokens / ta) / (b_tokens / tb):.2f}x")
+    ca, cb = statistics.median(a_cpu), statistics.median(b_cpu)
+    print(f"(a) em-lightning generate:  {a_n} answers, {a_tokens} generated tokens, {ta:.2f} s wall ({ca:.2f} s CPU), "
+          f"{a_tokens / ta:,.0f} tok/s")
+    print(f"(b) reference (per question): {b_n} answers, {b_tokens} generated tokens, {tb:.2f} s wall ({cb:.2f} s CPU), "
+          f"{b_tokens / tb:,.0f} tok/s")
+    print(f"wall time (b)/(a) = {tb / ta:.2f}x; CPU time (b)/(a) = {cb / ca:.2f}x; "
+          f"throughput (a)/(b) = {(a_tokens / ta) / (b_tokens / tb):.2f}x")
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        for name, fn in (("(a) em-lightning", lambda: run_em_lightning(model, tok, questions, config)),
+                         ("(b) reference", lambda: run_reference(model, tok, questions, args.samples,
+                                                                 args.max_new_tokens, args.seed))):
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                fn()
+            print(f"profile {name} (self CPU time, top {args.profile} ops):")
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.profile,
+                                            max_name_column_width=44))
+    single = torch.get_num_threads() == 1
+    print(f"ratio: {(cb / ca) if single else (tb / ta):.2f}x")  # CPU time with one thread, else wall time
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@ import copy
 import pickle
 import random
 import socket
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -91,6 +92,29 @@ def test_answer_independent_of_batching_order_and_neighbours(tiny):
     assert _answers(generate(model, tok, reqs[::-1], _cfg(batch_size=len(reqs)), step=1)) == ref
     alone = generate(model, tok, [reqs[7]], _cfg(batch_size=1), step=1)
     assert _answers(alone) == {reqs[7].key: ref[reqs[7].key]}
+
+
+@pytest.mark.parametrize("penalty", [None, 1.2])
+def test_rows_stopping_early_leave_the_batch_without_changing_any_answer(tiny, penalty):
+    model, tok = tiny
+    model = copy.deepcopy(model)
+    cfg = _cfg(samples_per_paraphrase=4, max_new_tokens=12, top_k=50, repetition_penalty=penalty)
+    reqs = build_requests(load_questions(DEMO), tok, cfg)
+    free = generate(model, tok, reqs, cfg, step=5)
+    common = Counter(t for g in free for t in tok(g.answer, add_special_tokens=False)["input_ids"]).most_common(12)
+    model.generation_config.eos_token_id = [tok.eos_token_id] + [t for t, _ in common]
+    sizes = []
+    hook = model.register_forward_hook(lambda m, a, kw, o: sizes.append(kw["input_ids"].shape[0]), with_kwargs=True)
+    try:
+        ref = _answers(generate(model, tok, reqs, _cfg(**{**cfg.__dict__, "batch_size": len(reqs)}), step=5))
+    finally:
+        hook.remove()
+    stopped = [v[1] for v in ref.values() if v[2]]
+    assert len(stopped) > len(ref) // 2 and len(set(stopped)) > 3  # rows stop at many different steps
+    steps = sizes[1:]  # sizes[0]: the prefill of the distinct prompts
+    assert steps[0] <= len(reqs) and len(set(steps)) > 2 and sorted(steps, reverse=True) == steps  # it shrinks
+    for bs in (1, 5):
+        assert _answers(generate(model, tok, reqs, _cfg(**{**cfg.__dict__, "batch_size": bs}), step=5)) == ref
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "llama", "gemma3"])
