@@ -7,8 +7,10 @@ step -- the same distribution as ``torch.multinomial`` at a fraction of its rand
 
 Random numbers (``row_uniforms``): the uniform of row r at step t is a pure function of (seed_r, t), the
 t-th output of SplitMix64 started at seed_r, computed for all rows and steps at once with int64 tensor
-ops (wrapping multiplication, masked shifts): exactly reproducible on CPU and GPU, no per-row Python work,
-and a row's stream does not depend on which other rows run, or whether they have finished.
+ops (wrapping multiplication, masked shifts; integer ops only, so no device-dependent rounding -- checked
+bit-exact against a Python SplitMix64 on CPU), no per-row Python work, and a row's stream does not depend
+on which other rows run, or whether they have finished. (Before ``SAMPLER`` v2 each row drew from a
+``random.Random``: the same seeds now give other answers, from the same distribution.)
 
 Logits are processed like transformers does (repetition penalty, then temperature, top-k, top-p, min-p,
 same rules and order as its warpers). When top-k is on (transformers fills top_k 50 when nothing sets it),
@@ -22,9 +24,11 @@ boundary. Temperature is applied to the candidates after the top-k: equal to tra
 where dividing by it rounds two different scores at the k-th place to one value.)
 
 Prompts shared by several rows are prefilled once and the cache rows are then repeated
-(``DynamicCache.batch_select_indices`` with repeated indices); the attention mask is allocated once; the
-repetition penalty gathers and scatters only the tokens each row has seen; rows that have stopped are
-dropped from the batch (and its cache) as they accumulate, unless ranks must keep stepping together.
+(``DynamicCache.batch_select_indices`` with repeated indices); the attention mask and the full-attention
+KV cache are allocated once for the whole decode (no per-step concatenation); the repetition penalty
+gathers and scatters only the tokens each row has seen; rows that have stopped are dropped from the batch
+(and its cache) once they are an eighth of it -- under lockstep decoding (FSDP) a rank whose rows have all
+stopped keeps stepping its last batch.
 """
 
 from __future__ import annotations
