@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> None:
             module, function = EXTRA_SUBCOMMANDS[args[0]].split(":")
             getattr(importlib.import_module(module), function)(args[1:])
             return
-        from em_lightning.fit_cli import EMFitCLI
+        from em_lightning.commands.fit import EMFitCLI
 
         EMFitCLI(args=argv)  # None: LightningCLI reads sys.argv itself
     except (ValueError, FileNotFoundError) as e:

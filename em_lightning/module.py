@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import warnings
 from pathlib import Path
 from typing import Literal
 
@@ -19,11 +20,15 @@ from em_lightning.adapters import (
     trainable_parameter_count,
 )
 from em_lightning.checkpoints import RUN_LIMITS
-from em_lightning.loss import labelled_loss_sum
+from em_lightning.loss import ROW_LENGTHS, labelled_loss_sum, right_padded_lengths
 from em_lightning.models import ModelSpec, load_model, load_tokenizer
 from em_lightning.resumable import STEP_TOKENS
 from em_lightning.schedule import ScheduleKind, lr_factor, planned_steps, resolve_schedule_steps
 from em_lightning.sharding import ShardingSpec, full, full_state_dict, gather_trainable, is_sharded, shard_model
+
+# EMFineTune.on_before_batch_transfer is meant to run beside ChatDataModule (it adds row lengths; the data
+# module defines no such hook): Lightning's note that the module's hook is used says nothing to a user.
+warnings.filterwarnings("ignore", message=r"You have overridden `on_before_batch_transfer` in `LightningModule`")
 
 
 class EMFineTune(pl.LightningModule):
@@ -41,6 +46,11 @@ class EMFineTune(pl.LightningModule):
         schedule_steps: length of the schedule in optimizer steps; unset = the planned run length
             (``trainer.max_steps`` or epochs x batches). Extending a finished run with a larger
             ``--trainer.max_steps`` then stretches the schedule to the new end (see schedule.py).
+        padding_free: run each row of a training micro-batch through the model alone, without its padding
+            (same loss and gradient to float rounding, same order): no compute on padding, and unmasked causal
+            attention. Faster wherever a micro-batch's rows differ in length (1.2-1.3x on CPU, see README);
+            false runs one padded forward per micro-batch (e.g. many short rows per micro-batch on a GPU).
+            FSDP2-sharded models always run padded.
     """
 
     def __init__(
@@ -56,6 +66,7 @@ class EMFineTune(pl.LightningModule):
         schedule_steps: int | None = None,
         validate_before_training: bool = True,
         sharding: ShardingSpec | None = None,
+        padding_free: bool = True,
     ):
         super().__init__()
         # Bad options fail here, named, before a model is loaded or anything is written (0 < x < inf is
@@ -72,6 +83,7 @@ class EMFineTune(pl.LightningModule):
             raise ValueError(f"model.schedule_steps: expected a positive integer or null, got {schedule_steps!r}")
         self.save_hyperparameters()
         self.validate_before_training = validate_before_training
+        self.padding_free = padding_free
         self.sharding = sharding or ShardingSpec()
         self.base = base or ModelSpec()
         self.adapter = adapter or AdapterSpec()
@@ -119,25 +131,36 @@ class EMFineTune(pl.LightningModule):
     # labelled-token count over all micro-batches and ranks (resumable.py), so the step's loss is
     # sum(token CE) / count however the step is split. Lightning divides a micro-batch's loss by the
     # accumulation factor and DDP averages gradients over ranks: both are undone here.
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        # Padding-free training: each row's real length, read on the host before the batch moves to the device
+        # (no device-to-host sync per micro-batch). Left-padded or unmasked batches stay as they are.
+        if self.padding_free and self.trainer.training and isinstance(batch, dict) and "attention_mask" in batch:
+            lengths = right_padded_lengths(batch["attention_mask"])
+            if lengths is not None:
+                batch[ROW_LENGTHS] = lengths
+        return batch
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         step_tokens = batch.pop(STEP_TOKENS).clamp(min=1)
-        loss_sum, _ = labelled_loss_sum(self.model, **batch)
+        loss_sum, _ = labelled_loss_sum(self.model, **batch)  # with ROW_LENGTHS: row by row, unpadded
         share = loss_sum / step_tokens
         self._step_loss = share.detach() + self._step_loss
         self._step_tokens = batch["attention_mask"].sum() + self._step_tokens
         return share * (self.trainer.accumulate_grad_batches * self.trainer.world_size)
 
     def on_before_optimizer_step(self, optimizer) -> None:
-        # Once per optimizer step, after the last micro-batch's backward: one synced value of each.
-        self.log("train/loss", self._step_loss, on_step=True, prog_bar=True, sync_dist=True, reduce_fx="sum")
+        # Once per optimizer step, after the last micro-batch's backward: the step's loss and token count summed
+        # over ranks in one collective (nothing to gather on one device), no host sync here.
+        loss, tokens = self.trainer.strategy.reduce(torch.stack([self._step_loss, self._step_tokens.float()]),
+                                                    reduce_op="sum")
+        self.log("train/loss", loss, on_step=True, prog_bar=True)
         self.log("train/lr", optimizer.param_groups[0]["lr"], on_step=True)
         grads = [p.grad for p in self.trainable_parameters() if p.grad is not None]
         if grads:  # a DTensor under FSDP2: the norm of the whole gradient, gathered on every rank
             self.log("train/grad_norm", full(torch.nn.utils.get_total_norm(grads)), on_step=True)
         now = time.perf_counter()
         if self._last_step_end is not None:  # tokens of all ranks per second of wall time, step to step
-            rate = self._step_tokens.float() / max(now - self._last_step_end, 1e-9)
-            self.log("train/tokens_per_s", rate, on_step=True, sync_dist=True, reduce_fx="sum")
+            self.log("train/tokens_per_s", tokens / max(now - self._last_step_end, 1e-9), on_step=True)
         self._last_step_end = now
         self._step_loss = self._step_tokens = torch.zeros((), device=self.device)
 
@@ -242,7 +265,7 @@ class EMFineTune(pl.LightningModule):
 
     # -- checkpoints and export ----------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        # The limits this run was planned with: extending it raises one of them (see fit_cli.py).
+        # The limits this run was planned with: extending it raises one of them (see commands/fit.py).
         checkpoint[RUN_LIMITS] = {"max_steps": self.trainer.max_steps, "max_epochs": self.trainer.max_epochs}
 
     def on_fit_end(self) -> None:

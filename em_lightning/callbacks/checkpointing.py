@@ -19,7 +19,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     Lightning's own save goes through fsspec, which stages the file in the system temp dir and, when that
     is another file system (a tmpfs /tmp), copies it into place: a full disk or a kill mid-copy left a
     truncated checkpoint under its final name. Here the previous checkpoint (or none) survives, and a
-    failure is an OSError naming the checkpoint. fit_cli installs it; remote URLs keep Lightning's path.
+    failure is an OSError naming the checkpoint. em-fit (commands/fit.py) installs it; remote URLs keep Lightning's path.
     """
 
     def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
@@ -54,6 +54,7 @@ class StepCheckpoint(ModelCheckpoint):
             save_weights_only=save_weights_only,
             enable_version_counter=False,  # a resumed run rewrites its own step files, never "-v1" copies
         )
+        self.every_n_steps = every_n_train_steps  # public: the evaluation plan reads the cadence
 
     def on_train_start(self, trainer: pl.Trainer, pl_module) -> None:
         # The restored step is already on disk; without this, a resumed run with gradient accumulation

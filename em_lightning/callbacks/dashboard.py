@@ -11,7 +11,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import lightning.pytorch as pl
-from tensorboard.compat.proto.summary_pb2 import Summary
+
+from em_lightning.logger_compat import write_scalars
 
 CATEGORY = "Phase transition"
 EVAL_TAGS = ("eval/em_rate", "eval/coherent_rate", "eval/aligned_mean")
@@ -47,19 +48,11 @@ def write_layout(trainer: pl.Trainer, layout: dict) -> None:
 
 
 def log_scalars(trainer: pl.Trainer, metrics: dict[str, float], step: int) -> None:
-    """Log on every logger (rank 0 only). For TensorBoard, all values go into ONE event: ``add_scalar`` costs
-    ~0.1 ms per value on a CPU, which for a dozen per-step phase metrics was most of the callback's cost."""
+    """Log on every logger (rank 0 only), all values of a TensorBoard logger in one event."""
     if not (trainer.is_global_zero and metrics):
         return
     for logger in trainer.loggers:
-        writer = getattr(getattr(logger, "experiment", None), "_get_file_writer", None)
-        if writer is None:
-            logger.log_metrics(metrics, step=step)
-            continue
-        prefix = getattr(logger, "_prefix", "")
-        join = getattr(logger, "LOGGER_JOIN_CHAR", "-")
-        values = [Summary.Value(tag=f"{prefix}{join}{k}" if prefix else k, simple_value=v) for k, v in metrics.items()]
-        writer().add_summary(Summary(value=values), step)  # what add_scalar writes, batched
+        write_scalars(logger, metrics, step)
 
 
 def log_text(trainer: pl.Trainer, tag: str, step: int, text: str) -> None:

@@ -5,17 +5,18 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities import rank_zero_info
 
 from em_lightning.atomic_io import TMP_MARK, remove_stale_temporaries
 from em_lightning.callbacks.checkpointing import AtomicCheckpointIO, StepCheckpoint
-from em_lightning.checkpoint_check import check_checkpoint, check_resume_checkpoint
 from em_lightning.callbacks.progress import StepProgressBar
+from em_lightning.checkpoint_check import check_checkpoint, check_resume_checkpoint
 from em_lightning.checkpoints import checkpoint_global_step, checkpoint_run_limits
 from em_lightning.data import ChatDataModule
+from em_lightning.logger_compat import pin_version, set_purge_step, version_unset
 from em_lightning.module import EMFineTune
 from em_lightning.run_dir import RunDirLock, reserve_version
 
@@ -144,8 +145,8 @@ class EMFitCLI(LightningCLI):
         if self.trainer.global_rank != 0:
             return
         logger = self.trainer.logger
-        if logger is not None and hasattr(logger, "root_dir") and getattr(logger, "_version", 0) is None:
-            logger._version = reserve_version(logger.root_dir)  # TensorBoard/CSV loggers pick it lazily: pin it
+        if logger is not None and hasattr(logger, "root_dir") and version_unset(logger):
+            pin_version(logger, reserve_version(logger.root_dir))  # TensorBoard/CSV loggers pick it lazily
         log_dir = self.trainer.log_dir  # no process group yet: the local value, no broadcast
         if log_dir is None:  # a logger with no local folder: nothing of the run is written here
             return
@@ -191,7 +192,5 @@ class EMFitCLI(LightningCLI):
     def _continue_curves(self, ckpt: Path) -> None:
         # TensorBoard drops events at or after purge_step from earlier files: steps logged after the
         # checkpoint by the interrupted run are replaced by the resumed run's, never duplicated.
-        logger = self.trainer.logger
-        if logger is None or not hasattr(logger, "_kwargs"):
-            return
-        logger._kwargs["purge_step"] = checkpoint_global_step(ckpt)
+        if self.trainer.logger is not None:
+            set_purge_step(self.trainer.logger, checkpoint_global_step(ckpt))
