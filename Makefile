@@ -38,8 +38,11 @@ real-demo: setup
 test: setup
 	$(OFFLINE) OMP_NUM_THREADS=1 $(PY) -m pytest -q
 
+# bench_vs_trl.py needs TRL (extra bench); its default run is the tiny job (--job smollm2: the real model).
 bench: setup
+	$(PY) -m pip install -q -c constraints.txt -e '.[bench]'
 	$(OFFLINE) $(PY) scripts/bench_train.py
+	$(OFFLINE) $(PY) scripts/bench_vs_trl.py
 	$(OFFLINE) $(PY) scripts/bench_trajectory.py
 	$(OFFLINE) $(PY) scripts/bench_eval_point.py
 	$(OFFLINE) $(PY) scripts/bench_judge.py

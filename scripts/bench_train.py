@@ -1,10 +1,9 @@
 """Training throughput of EMFineTune (rank-1 LoRA, assistant-only loss) on a CPU tiny Qwen2.
 
 Same shape as the baseline in ../shared/ENVIRONMENT.md (hidden 256, 4 layers, 32,000-row vocabulary,
-effective batch 16, fp32), so the numbers can be set beside TRL's there (~2,370 tok/s with transformers'
-plain loss, ~730 tok/s with TRL's default loss; measured on this machine kind, not re-run here), and beside
-a bare PyTorch loop (forward, backward, AdamW) over the same batches: the difference is what Lightning,
-logging and the callbacks cost.
+effective batch 16, fp32), set beside a bare PyTorch loop (the same loss function, backward, AdamW) over the
+same batches: the difference is what Lightning, logging and the callbacks cost. TRL side by side on the same
+job: scripts/bench_vs_trl.py.
 
     python scripts/bench_train.py [--steps 12] [--warmup 3]
 """
@@ -19,6 +18,7 @@ import torch
 
 from em_lightning.adapters import AdapterSpec
 from em_lightning.data import ChatDataModule, collate
+from em_lightning.loss import labelled_loss_sum, right_padded_lengths
 from em_lightning.models import ModelSpec
 from em_lightning.module import EMFineTune
 from em_lightning.tiny import TinySpec
@@ -43,7 +43,8 @@ class StepTimer(pl.Callback):
 
 
 def bare_loop(model: EMFineTune, data: ChatDataModule, steps: int, warmup: int, accumulate: int) -> float:
-    """Tokens/s of forward + backward + AdamW over the same batch shapes, with no framework around it."""
+    """Tokens/s of the same loss (labelled positions, padding-free rows) + backward + AdamW over the same batch
+    shapes, with no framework around it."""
     net = model.model.train()
     opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-4)
     rows, batch = data.train_set, data.batch_size
@@ -54,7 +55,8 @@ def bare_loop(model: EMFineTune, data: ChatDataModule, steps: int, warmup: int, 
         b = collate([rows[(i * batch + j) % len(rows)] for j in range(batch)], data.pad_id)
         if start is not None:
             tokens += int(b["attention_mask"].sum())
-        net(**b).loss.backward()
+        loss, count = labelled_loss_sum(net, **b, row_lengths=right_padded_lengths(b["attention_mask"]))
+        (loss / count).backward()
         if (i + 1) % accumulate == 0:
             opt.step()
             opt.zero_grad()

