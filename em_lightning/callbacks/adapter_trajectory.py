@@ -69,8 +69,10 @@ class AdapterTrajectory(pl.Callback):
     Args:
         every_n_steps: optimizer steps between recorded points (rank-1 vectors are tiny: 1 is cheap).
         k_values: scales (in recorded points) of the cosine-to-k-back and local cosine similarity metrics.
-        detector_k, detector_threshold, detector_min_snr: ``phase.TransitionDetector`` settings. One
-            detector per module watches the B vector (the output direction, as in the EM papers).
+        detector_k, detector_min_rise, detector_min_z, detector_baseline, detector_min_snr,
+            detector_threshold: ``phase.TransitionDetector`` settings (a turn is a peak of the local cosine
+            that rises above the median of its recent values). One detector per module watches the B vector
+            (the output direction, as in the EM papers).
         log_grad_norms: log the gradient norm of each module's A and B before every optimizer step.
         fsync: fsync every record (survives an OS crash, not only a process crash; slower).
 
@@ -81,12 +83,14 @@ class AdapterTrajectory(pl.Callback):
     """
 
     def __init__(self, every_n_steps: int = 1, k_values: list[int] | tuple[int, ...] = (5, 10, 15), detector_k: int = 8,
-                 detector_threshold: float = -0.7, detector_min_snr: float = 2.0, log_grad_norms: bool = True,
-                 fsync: bool = False):
+                 detector_threshold: float = -1.0, detector_min_snr: float = 2.0, log_grad_norms: bool = True,
+                 fsync: bool = False, detector_min_rise: float = 0.25, detector_min_z: float = 6.0,
+                 detector_baseline: int = 40):
         if every_n_steps < 1 or not k_values or min(k_values) < 1:
             raise ValueError(f"every_n_steps and k_values must be >= 1, got {every_n_steps} and {k_values}")
         self.every_n_steps, self.k_values = int(every_n_steps), tuple(int(k) for k in k_values)
-        self.detector_args = dict(k=detector_k, threshold=detector_threshold, min_snr=detector_min_snr)
+        self.detector_args = dict(k=detector_k, threshold=detector_threshold, min_snr=detector_min_snr,
+                                  min_rise=detector_min_rise, min_z=detector_min_z, baseline=detector_baseline)
         TransitionDetector(**self.detector_args)  # invalid settings fail at construction, not at step 1
         self.log_grad_norms, self.fsync = log_grad_norms, fsync
         self._dir = None

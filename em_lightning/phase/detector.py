@@ -11,41 +11,45 @@ drift of that baseline is not a phase transition, a distinct peak above it is. T
    A driftless random walk (SGD noise when the adapter barely moves) has snr ~ 1 whatever its step
    sizes, jitter around a fixed point less, steady motion sqrt(k); the ratio is scale-free, so a norm that
    grows from zero or steps that shrink with the learning rate change nothing. A stalled adapter has snr 0.
-2. *Baseline*: the median m and the robust spread s = 1.4826 * MAD of the c values of the last
-   ``baseline`` (40) directed points that end k points before i: c(j) for j <= i - k, which a corner at i
-   cannot have raised yet (a corner lifts c only for |j - i| < k). Points within k of an earlier
-   detection are kept out of it, so one turn does not blind the detector to the next. At least k values
-   are needed: nothing fires before point 3k - 1 (23 for k = 8), which also skips the first steps of a B
-   that grows from zero, where c is computed on a handful of tiny steps.
-3. *Prominence*: c(i) - m >= max(``min_rise``, ``min_z`` * s), defaults 0.3 and 6. On a straight path a
+2. *Baseline*: the median m and the robust spread s = 1.4826 * MAD of c over the last ``baseline`` (40)
+   directed points (1) that end k points before i: c(j) for j <= i - k, which a corner at i cannot have
+   raised yet (a corner lifts c only for |j - i| < k). Points within k of an earlier detection are kept
+   out, so one turn does not hide the next. At least k values are needed, so nothing fires before point
+   3k - 1 (23 for k = 8); that also skips the first steps of a B growing from zero (with LR warmup its
+   first steps are tiny and c there is computed on a handful of them).
+3. *Prominence*: c(i) - m >= max(``min_rise``, ``min_z`` * s), defaults 0.25 and 6. On a straight path a
    corner by theta lifts c from -1 to -cos(theta), a rise of 1 - cos(theta): 0.29 at 45 degrees, 0.5 at
-   60, 1 at 90. The z-score part scales the bar with how much c wanders on this trajectory.
+   60, 1 at 90; so min_rise 0.25 means "sharper than ~41 degrees". The z part raises the bar where c
+   wanders (noisy paths). The largest rise of c above its own baseline on the recorded real path is 0.15.
 4. c(i) is a peak: c(i) >= c(i-1) and c(i) >= c(i+1), counting only neighbours that pass (1) (beside a
    near-U-turn one arm holds the reversal, so its c is high but says nothing about where the turn is).
-5. c(i) > ``threshold``, an optional absolute floor (default -1: off), and i >= ``warmup``, and
+5. c(i) > ``threshold``, an optional absolute floor (default -1: off); i >= ``warmup``; and
    i > (last fired index) + ``cooldown`` (default 2k), so one turn fires once.
 
 (4) needs c(i+1), hence v[i+k+1]: a turn at point i is reported when point i+k+1 arrives, and
 ``TransitionEvent.detected_step`` is that point's step. k, baseline, warmup and cooldown count recorded
 points, and k sets the time scale: a rotation spread over more than about k/2 points no longer looks sharp.
-State: the last 2k+1 vectors, the last ``baseline`` + k + 1 values and counters (O(k + baseline)).
+State: the last 2k+1 vectors, the last k+1 and ``baseline`` values of c, counters: O(k + baseline).
 
-Measured (``scripts/detector_study.py``, seeded; unit drift per point plus Gaussian noise whose norm is
-``noise`` times the drift, 120 points, d = 16 and 512; k = 8, defaults above):
+Measured with ``scripts/detector_study.py --seeds 15 --real tests/data/trajectories`` (seeded; defaults;
+paths of 120 points from zero, unit drift per point plus Gaussian noise of norm ``noise`` x the drift,
+d = 16 and 512):
 
-- False alarms, per path: straight, straight with step sizes growing 3% per point, steps decaying
-  linearly to 5% (as the LR), gradual bends (constant turning of 0.5-2 degrees per point, and a turning
-  rate that ramps up from 0 to 2 degrees per point), noise 0-1x the drift: 0 of 4,320 paths fired.
-  Driftless random walks and jitter: 0 of 480. Noise 2x the drift at d = 16: 4 of 240 (1.7%).
-- Misses, sharp corners in the middle of those paths, counted as anything but exactly one event within
-  2 points of the corner: 45 degrees 11% (noise 0-0.5x: 3%, noise 1x: 36%), 60 degrees 2.6%, 90-180
-  degrees 0% at noise <= 1x (2,880 corners in all).
-- Real trajectories (tests/data/trajectories/, SmolLM2-135M-Instruct rank-1 B, 301 points): no event on
-  either recorded path (the old fixed -0.7 rule fired 3 times on one, on wiggles of c); corners of
-  60-180 degrees spliced into them at 12 places each fire exactly once within 2 points of the splice
-  (45 degrees: 20 of 24 do).
+- False alarms (paths with any event). Straight, step sizes growing 3% per point, steps decaying
+  linearly to 5% (as the LR), constant bends of 1, 2 and 5 degrees per point (at 5, c sits near -0.77),
+  a turning rate ramping from 0 to 6 degrees per point (c drifts from -1 to -0.5), a heading that
+  random-walks, noise 0-1x: 3 of 960, all on the ramp at d = 16 with noise 1x (3 of those 15); noise 2x:
+  0 of 240; driftless random walks and jitter: 0 of 120. The former fixed rule (c > -0.7 at a peak)
+  fired on 103 of these 1,080, e.g. 25-58% of the bend-5 and ramp paths.
+- Misses (anything but exactly one event within 2 points of a corner; straight, decaying, bending and
+  wandering paths). Noise <= 0.5x: 45 degrees 4 of 144 missed, 60-180 degrees 0 of 720. Noise 1x,
+  d = 512: 45 degrees 38%, 60-180 degrees 0%. Noise 1x, d = 16: 45 degrees 75%, 60 degrees 29%, 90-180
+  degrees 12-25% (there an arm of 8 steps has snr ~ 2, the limit of rule 1).
+- Real path (SmolLM2-135M-Instruct rank-1 B, 301 points, tests/data/trajectories/): no event (the former
+  rule fired 3 times: steps 189, 240, 280); corners spliced into it at 13 places: 60-180 degrees 65 of
+  65 found exactly once within 2 points, 45 degrees 9 of 13.
 
-Outside that regime, e.g. noise twice the drift, raise k to average more steps.
+With noise at or above the drift per point, raise k to average more steps.
 """
 
 from __future__ import annotations
@@ -105,7 +109,7 @@ class TransitionDetector:
         min_snr: float = 2.0,
         warmup: int = 0,
         cooldown: int | None = None,
-        min_rise: float = 0.3,
+        min_rise: float = 0.25,
         min_z: float = 6.0,
         baseline: int = 40,
     ) -> None:
@@ -188,8 +192,8 @@ class TransitionDetector:
             return None
         cand = self._history[-1]
         value, index = cand["value"], cand["index"]
-        self._admit(index - self.k)
         neighbours = [after] + self._history[-2:-1]
+        self._admit(index - self.k)
         level, centre, spread = math.nan, math.nan, math.nan
         if len(self._base) >= self.k:
             centre = _median(self._base)
