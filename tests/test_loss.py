@@ -190,3 +190,20 @@ def test_padding_free_training_equals_padded(tmp_path, reference_dir, repo_root)
     assert losses_free == pytest.approx(losses_padded, rel=1e-5)
     _close(weights_free, weights_padded, rel=1e-5)
     assert any(w.abs().sum() > 0 for n, w in weights_free.items() if "lora_B" in n)  # it did train
+
+
+def test_backward_stops_at_the_lowest_trainable_layer():
+    """With frozen embeddings and frozen layers below the adapter, autograd runs nothing below it."""
+    tok = tiny_tokenizer("qwen2")
+    model = tiny_model("qwen2", TinySpec(hidden_size=64, intermediate_size=128, num_layers=4), tok)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model = apply_adapter(model, AdapterSpec(r=1, layers=[2])).train()
+    reached = set()
+    layers = model.get_base_model().model.layers
+    for i, layer in enumerate(layers):
+        layer.register_full_backward_hook(lambda module, grad_in, grad_out, i=i: reached.add(i))
+    rows = [{"input_ids": list(range(5, 65)), "labels": [IGNORE_INDEX] * 20 + list(range(25, 65))}]
+    batch = collate(rows, tok.pad_token_id)
+    labelled_loss_sum(model, **batch, row_lengths=[60])[0].backward()
+    assert reached == {2, 3}
