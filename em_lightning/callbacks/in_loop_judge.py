@@ -171,7 +171,7 @@ class InLoopJudge(Callback):
     def _announce_plan(self, trainer: pl.Trainer, step: int) -> None:
         end = int(trainer.estimated_stepping_batches)
         names = judge_prompt_names(self.questions, self.judge_prompts)
-        ckpt = trainer.checkpoint_callback
+        ckpt = trainer.checkpoint_callback  # StepCheckpoint (its every_n_steps), or another Checkpoint
         points, answers, calls = set(), 0, 0
         for cb in self.sources:
             every_ckpt = getattr(ckpt, "every_n_steps", None) if cb.at_checkpoints else None
