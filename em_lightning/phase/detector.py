@@ -40,7 +40,7 @@ d = 16 and 512):
   a turning rate ramping from 0 to 6 degrees per point (c drifts from -1 to -0.5), a heading that
   random-walks, noise 0-1x: 3 of 960, all on the ramp at d = 16 with noise 1x (3 of those 15); noise 2x:
   0 of 240; driftless random walks and jitter: 0 of 120. The former fixed rule (c > -0.7 at a peak)
-  fired on 103 of these 1,080, e.g. 25-58% of the bend-5 and ramp paths.
+  fired on 102 of the 960 (25-58% of the bend-5 and ramp paths) and on none of the others.
 - Misses (anything but exactly one event within 2 points of a corner; straight, decaying, bending and
   wandering paths). Noise <= 0.5x: 45 degrees 4 of 144 missed, 60-180 degrees 0 of 720. Noise 1x,
   d = 512: 45 degrees 38%, 60-180 degrees 0%. Noise 1x, d = 16: 45 degrees 75%, 60 degrees 29%, 90-180
