@@ -126,8 +126,10 @@ class MechanisticProbes(Callback):
     # -- hooks ---------------------------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self.run_dir = resolve_run_dir(trainer)  # collective: every rank
-        if not any(isinstance(cb, InLoopJudge) for cb in trainer.callbacks):
-            raise ValueError("MechanisticProbes needs an InLoopJudge (it works on that callback's judged points)")
+        needs_points = self.direction_source == "judged" or self.steer["alphas"]
+        if needs_points and not any(isinstance(cb, InLoopJudge) for cb in trainer.callbacks):
+            raise ValueError("MechanisticProbes needs an InLoopJudge for a judged direction or steering (it works "
+                             "on that callback's judged points); direction_source: triples needs none")
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._seen_step = trainer.global_step
