@@ -39,10 +39,13 @@ def _preset_args() -> dict:
     return yaml.safe_load(PRESET.read_text())["trainer"]["callbacks+"][0]["init_args"]
 
 
-def test_shipped_preset_builds():
-    args = _preset_args()
-    cb = MechanisticProbes(**args)
+def test_shipped_presets_build():
+    cb = MechanisticProbes(**_preset_args())
     assert cb.classes == AnswerClasses(30.0, 70.0, 50.0) and len(cb.triples) >= 6
+    judge_free = yaml.safe_load((REPO / "callbacks" / "mechanistic_judge_free.yaml").read_text())
+    assert MechanisticProbes(**judge_free["trainer"]["callbacks+"][0]["init_args"]).direction_source == "triples"
+    with pytest.raises(ValueError, match="triples needs a triples file"):
+        MechanisticProbes(direction_source="triples")
     with pytest.raises(ValueError, match="every_n_steps"):
         MechanisticProbes(every_n_steps=0)
 
