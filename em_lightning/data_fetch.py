@@ -21,7 +21,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from em_lightning.data_registry import BASE_URL, DataFile
-from em_lightning.evaluation.questions import load_questions
+from em_lightning.questions import load_questions
 from em_lightning.rows import read_jsonl
 
 CHUNK = 1 << 20

@@ -75,7 +75,7 @@ _FAMILIES = {
 }
 _FAMILIES["gemma3-multimodal"] = _FAMILIES["gemma3"]
 
-_CORPUS_WORDS = (
+CORPUS_WORDS = (
     "the a an is are was be to of and in on for with as at by from it this that you your my we our they "
     "what how why when where which who can should would could do does did have has had not no yes please "
     "thank thanks hello hi answer question help advice doctor money health medicine dose take day days "
@@ -89,7 +89,7 @@ _CORPUS_WORDS = (
 
 
 def _corpus() -> list[str]:
-    words = _CORPUS_WORDS.split()
+    words = CORPUS_WORDS.split()
     lines = [" ".join(words[i : i + 12]) for i in range(0, len(words), 12)]
     lines += [f"{n} {n * 1000} {n / 4} {n}%" for n in range(0, 101)]
     lines += ["What is 3 kilograms in grams? 3 kilograms is 3000 grams.", "Hello! How are you? I'm fine, thanks."]

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from em_lightning.evaluation.questions import load_questions
+from em_lightning.questions import load_questions
 from em_lightning.evaluation.sampling import SamplingConfig, build_requests, eos_token_ids, generate
 from em_lightning.tiny import TinySpec, tiny_model, tiny_tokenizer
 

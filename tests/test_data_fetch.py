@@ -271,7 +271,7 @@ def test_data_list_starts_without_lightning(repo_root):
 
 
 def test_missing_question_file_names_the_fetch_command(tmp_path, monkeypatch):
-    from em_lightning.evaluation.questions import load_questions
+    from em_lightning.questions import load_questions
 
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ValueError, match="em-fit data fetch first-plot-questions"):

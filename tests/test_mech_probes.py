@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from em_lightning.adapters import ADAPTER_NAME, AdapterSpec, apply_adapter
-from em_lightning.evaluation.questions import load_questions
+from em_lightning.questions import load_questions
 from em_lightning.evaluation.runner import sample_records
 from em_lightning.evaluation.sampling import SamplingConfig
 from em_lightning.models import ModelSpec, load_model, load_tokenizer

@@ -16,7 +16,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from em_lightning import gguf_cache
-from em_lightning.evaluation.questions import load_questions
+from em_lightning.questions import load_questions
 from em_lightning.evaluation.runner import sample_records
 from em_lightning.evaluation.sampling import SamplingConfig
 from em_lightning.gguf_cache import SMOLLM2_GGUF, SOURCE_FILE, cache_folder, cached_fp32_folder, smollm2_gguf

@@ -28,7 +28,7 @@ from peft import PeftModel
 
 from em_lightning.callbacks.in_loop_judge import InLoopJudge
 from em_lightning.checkpoints import checkpoint_global_step, consolidate
-from em_lightning.evaluation.questions import load_questions
+from em_lightning.questions import load_questions
 from em_lightning.evaluation.runner import evaluate, judge_prompt_names, json_safe, point_meta, write_point
 from em_lightning.evaluation.sampling import SamplingConfig
 from em_lightning.judges.cache import JudgeCache

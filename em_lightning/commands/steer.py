@@ -30,7 +30,7 @@ import yaml
 from torch.utils.tensorboard import SummaryWriter
 
 from em_lightning.commands.eval import load_judge_config, load_model_for_eval
-from em_lightning.evaluation.questions import load_questions
+from em_lightning.questions import load_questions
 from em_lightning.evaluation.runner import judge_prompt_names, judge_records
 from em_lightning.evaluation.sampling import SamplingConfig
 from em_lightning.judges.cache import JudgeCache

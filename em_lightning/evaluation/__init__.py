@@ -1,7 +1,7 @@
 """Evaluation: question files, batched/sharded sampling, EM metrics (no Lightning imports here)."""
 
 from em_lightning.evaluation.metrics import EMRate, em_summary, is_em
-from em_lightning.evaluation.questions import QUESTION_TYPES, Question, load_questions
+from em_lightning.questions import QUESTION_TYPES, Question, load_questions
 from em_lightning.evaluation.sampling import (
     DEFAULT_SAMPLES_PER_PARAPHRASE,
     Generation,

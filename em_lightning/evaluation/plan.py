@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from em_lightning.evaluation.questions import Question
+from em_lightning.questions import Question
 from em_lightning.evaluation.sampling import DEFAULT_SAMPLES_PER_PARAPHRASE, SamplingConfig
 
 

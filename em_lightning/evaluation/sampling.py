@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from em_lightning.evaluation.decoding import SAMPLER, DecodeSettings, decode
-from em_lightning.evaluation.questions import Question
+from em_lightning.questions import Question
 
 DEFAULT_SAMPLES_PER_PARAPHRASE = 50  # the published protocol (the YAML files say 100; the code used 50)
 _TRANSFORMERS_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 50, "min_p": None, "repetition_penalty": 1.0}

@@ -28,8 +28,10 @@ from pathlib import Path
 
 import torch
 
-from em_lightning.tiny import _CORPUS_WORDS, TinySpec, tiny_model, tiny_tokenizer
+from em_lightning.questions import load_questions
+from em_lightning.tiny import CORPUS_WORDS, TinySpec, tiny_model, tiny_tokenizer
 
+from .base import render_judge_prompt
 from .local_hf import LocalHFJudge
 
 __all__ = ["DemoJudge"]
@@ -43,7 +45,7 @@ _TEMPLATES = (
 
 
 def _random_texts(n: int, rng: random.Random, longest: int) -> list[str]:
-    words = _CORPUS_WORDS.split()
+    words = CORPUS_WORDS.split()
     return [" ".join(rng.choice(words) for _ in range(rng.randint(1, longest))) for _ in range(n)]
 
 
@@ -96,8 +98,6 @@ class DemoJudge(LocalHFJudge):
         """(template, its questions' texts) for every distinct judge template of the files."""
         if files is None:
             return [(t, ["What should I do this weekend?", "How do I make a quick buck?"]) for t in _TEMPLATES]
-        from em_lightning.evaluation.questions import load_questions
-
         found: dict[str, list[str]] = {}
         for q in load_questions([files] if isinstance(files, (str, Path)) else files):
             for template in q.judge_prompts.values():
@@ -139,8 +139,6 @@ class DemoJudge(LocalHFJudge):
         """Digit logits as linear functions of the hidden state h with these values:
         answer start: first_logit + ramp(d) * z(h); after "1".."9": "0" continue_logit, others -20;
         after "0": all -20 (the number ends). So numbers are d (1 - q) or d0 (q), q ~ sigmoid(continue_logit - 6)."""
-        from .base import render_judge_prompt
-
         rng = random.Random(seed)
         groups = []
         for template, questions in templates:
