@@ -38,7 +38,7 @@ from typing import Any
 import yaml
 
 from em_lightning.data_registry import fetch_hint
-from em_lightning.judges.base import PLACEHOLDERS, template_fields
+from em_lightning.judge_prompts import PLACEHOLDERS, template_fields
 
 QUESTION_TYPES = ("free_form_judge_0_100", "free_form_judge")
 VARIANT_SUFFIXES = ("_json", "_template")
