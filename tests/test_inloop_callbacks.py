@@ -17,7 +17,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from em_lightning.adapters import AdapterSpec
 from em_lightning.callbacks.checkpointing import StepCheckpoint
-from em_lightning.callbacks.events import announce
+from em_lightning.events import announce
 from em_lightning.callbacks.in_loop_judge import InLoopJudge
 from em_lightning.callbacks.sample_generations import SampleGenerations
 from em_lightning.data import ChatDataModule

@@ -29,8 +29,8 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
 from em_lightning.adapters import ADAPTER_NAME, lora_layers
-from em_lightning.callbacks.dashboard import ScalarBuffer, log_scalars, log_text, phase_transition_layout, write_layout
-from em_lightning.callbacks.events import announce, resolve_run_dir
+from em_lightning.dashboard import ScalarBuffer, log_scalars, log_text, phase_transition_layout, write_layout
+from em_lightning.events import announce, resolve_run_dir
 from em_lightning.phase import TransitionDetector, TransitionEvent, lora_direction
 from em_lightning.phase.store import TrajectoryWriter
 from em_lightning.sharding import full, is_sharded

@@ -34,7 +34,6 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from em_lightning.atomic_io import atomic_write
-from em_lightning.callbacks.events import announce, resolve_run_dir
 from em_lightning.callbacks.sample_generations import SampleGenerations
 from em_lightning.evaluation.plan import answers_per_point, judge_calls_per_point, planned_points
 from em_lightning.evaluation.runner import (
@@ -53,6 +52,7 @@ from em_lightning.evaluation.runner import (
     summarize,
     write_point,
 )
+from em_lightning.events import announce, resolve_run_dir
 from em_lightning.judges.base import Judge
 from em_lightning.judges.cache import JudgeCache
 from em_lightning.judges.factory import prepare_judges

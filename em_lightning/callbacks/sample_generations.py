@@ -30,10 +30,10 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import FSDPStrategy
 
-from em_lightning.callbacks.events import announce, resolve_run_dir
-from em_lightning.questions import load_questions
 from em_lightning.evaluation.runner import EvalPoint, point_meta, sample_records, write_point
 from em_lightning.evaluation.sampling import SamplingConfig
+from em_lightning.events import announce, resolve_run_dir
+from em_lightning.questions import load_questions
 from em_lightning.sharding import is_sharded
 
 

@@ -28,14 +28,14 @@ from peft import PeftModel
 
 from em_lightning.callbacks.in_loop_judge import InLoopJudge
 from em_lightning.checkpoints import checkpoint_global_step, consolidate
-from em_lightning.questions import load_questions
-from em_lightning.evaluation.runner import evaluate, judge_prompt_names, json_safe, point_meta, write_point
+from em_lightning.evaluation.runner import evaluate, json_safe, judge_prompt_names, point_meta, write_point
 from em_lightning.evaluation.sampling import SamplingConfig
 from em_lightning.judges.cache import JudgeCache
 from em_lightning.judges.factory import prepare_judges
 from em_lightning.models import ModelSpec, load_model, load_tokenizer
 from em_lightning.module import EMFineTune
 from em_lightning.phase.reconstruct import export_step_adapter
+from em_lightning.questions import load_questions
 from em_lightning.tiny import TinySpec
 
 

@@ -30,7 +30,6 @@ import yaml
 from torch.utils.tensorboard import SummaryWriter
 
 from em_lightning.commands.eval import load_judge_config, load_model_for_eval
-from em_lightning.questions import load_questions
 from em_lightning.evaluation.runner import judge_prompt_names, judge_records
 from em_lightning.evaluation.sampling import SamplingConfig
 from em_lightning.judges.cache import JudgeCache
@@ -44,6 +43,7 @@ from em_lightning.probes.steer_eval import (
     steering_tags,
     write_steering,
 )
+from em_lightning.questions import load_questions
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -1,7 +1,6 @@
 """Evaluation: question files, batched/sharded sampling, EM metrics (no Lightning imports here)."""
 
 from em_lightning.evaluation.metrics import EMRate, em_summary, is_em
-from em_lightning.questions import QUESTION_TYPES, Question, load_questions
 from em_lightning.evaluation.sampling import (
     DEFAULT_SAMPLES_PER_PARAPHRASE,
     Generation,
@@ -14,6 +13,7 @@ from em_lightning.evaluation.sampling import (
     row_seed,
     shard_indices,
 )
+from em_lightning.questions import QUESTION_TYPES, Question, load_questions
 
 __all__ = [
     "DEFAULT_SAMPLES_PER_PARAPHRASE",

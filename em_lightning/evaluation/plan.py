@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from em_lightning.questions import Question
 from em_lightning.evaluation.sampling import DEFAULT_SAMPLES_PER_PARAPHRASE, SamplingConfig
+from em_lightning.questions import Question
 
 
 def planned_points(start: int, end: int, every_n_steps: int | None, checkpoint_every: int | None,

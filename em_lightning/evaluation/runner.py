@@ -34,10 +34,10 @@ import torch.distributed as dist
 from em_lightning.adapters import lora_layers, scaled_adapter
 from em_lightning.atomic_io import atomic_write
 from em_lightning.evaluation.metrics import em_summary, is_em
-from em_lightning.questions import Question
 from em_lightning.evaluation.sampling import SamplingConfig, build_requests, generate_sharded, shard_indices
 from em_lightning.judges.base import Judge, JudgeResult, render_judge_prompt
 from em_lightning.judges.factory import resolve_judges
+from em_lightning.questions import Question
 
 SCORED_TYPE = "free_form_judge_0_100"
 CORE_SCORES = ("aligned", "coherent")

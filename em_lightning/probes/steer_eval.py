@@ -17,12 +17,12 @@ from pathlib import Path
 
 from em_lightning.adapters import lora_layers
 from em_lightning.evaluation.metrics import em_summary
-from em_lightning.questions import Question
 from em_lightning.evaluation.runner import SCORED_TYPE, point_path, read_jsonl, sample_records, write_point
 from em_lightning.evaluation.sampling import SamplingConfig
 from em_lightning.probes.alignment import layer_of, writes_residual
 from em_lightning.probes.directions import Direction
 from em_lightning.probes.steering import MODES, intervene
+from em_lightning.questions import Question
 
 STEERING = "steering"
 SUMMARY_KEYS = ("em_rate", "coherent_rate", "aligned_mean", "coherent_mean", "n_scored", "n_total")
