@@ -19,7 +19,7 @@ from em_lightning.evaluation import (
     load_questions,
     shard_indices,
 )
-from em_lightning.evaluation.decoding import DecodeSettings, decode, sample_inverse_cdf
+from em_lightning.decoding import DecodeSettings, decode, sample_inverse_cdf
 from em_lightning.tiny import TinySpec, tiny_model, tiny_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]

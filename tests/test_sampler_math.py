@@ -14,7 +14,7 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from em_lightning.evaluation.decoding import (
+from em_lightning.decoding import (
     DecodeSettings,
     apply_repetition_penalty,
     candidate_probs,

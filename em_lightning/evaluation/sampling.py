@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from em_lightning.evaluation.decoding import SAMPLER, DecodeSettings, decode
+from em_lightning.decoding import SAMPLER, DecodeSettings, decode
 from em_lightning.questions import Question
 
 DEFAULT_SAMPLES_PER_PARAPHRASE = 50  # the published protocol (the YAML files say 100; the code used 50)

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from em_lightning.decoding import left_pad, padded_positions
 from em_lightning.questions import load_questions
 from em_lightning.tiny import CORPUS_WORDS, TinySpec, tiny_model, tiny_tokenizer
 
@@ -124,15 +125,9 @@ class DemoJudge(LocalHFJudge):
 
     def _hidden(self, prompts: Sequence[str], extra: Sequence[int] = ()) -> torch.Tensor:
         """Final hidden state at the last position of each judge prompt (+ extra answer tokens)."""
-        seqs = [self.encode(p) + list(extra) for p in prompts]
-        width = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), width), self._pad_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, s in enumerate(seqs):  # left padding: the last column is every row's last token
-            ids[i, width - len(s) :] = torch.tensor(s)
-            mask[i, width - len(s) :] = 1
+        ids, mask = left_pad([self.encode(p) + list(extra) for p in prompts], self._pad_id)
         with torch.no_grad():
-            out = self.model.model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0))
+            out = self.model.model(input_ids=ids, attention_mask=mask, position_ids=padded_positions(mask))
         return out.last_hidden_state[:, -1].double()
 
     def _calibrate(self, templates, seed, first_logit, spread, continue_logit, n, shift) -> None:

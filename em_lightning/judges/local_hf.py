@@ -27,6 +27,8 @@ from collections.abc import Sequence
 
 import torch
 
+from em_lightning.decoding import DecodeSettings, decode, left_pad, padded_positions
+
 from .base import JudgeResult, aggregate_score
 
 __all__ = ["LocalHFJudge"]
@@ -181,13 +183,11 @@ class LocalHFJudge:
     def _number_logprobs(self, batch: list[list[int]]) -> torch.Tensor:
         """(B, 101) float64 log P(n) as defined in the module docstring, one forward for the batch."""
         trie, dev = self._trie, self._device
-        b, width, n = len(batch), max(len(s) for s in batch), trie.size
-        lens = torch.tensor([len(s) for s in batch], device=dev)
+        prompt, prompt_mask = left_pad(batch, self._pad_id, dev)
+        b, width, n = len(batch), prompt.shape[1], trie.size
+        lens = prompt_mask.sum(1)
         pad = width - lens
-        ids = torch.full((b, width + n), self._pad_id, dtype=torch.long, device=dev)
-        for row, seq in enumerate(batch):
-            ids[row, width - len(seq) : width] = torch.tensor(seq, device=dev)
-        ids[:, width:] = trie.token.to(dev)
+        ids = torch.cat([prompt, trie.token.to(dev)[None].expand(b, n)], dim=1)
 
         arange = torch.arange(width, device=dev)
         positions = torch.cat(
@@ -235,41 +235,15 @@ class LocalHFJudge:
         return {i for i in ids if i is not None}
 
     def _greedy(self, batch: list[list[int]]) -> tuple[list[str], list[dict[str, float]]]:
-        """Greedy decoding with the KV cache (no generate(): its config merging may turn sampling on)."""
-        dev, b = self._device, len(batch)
-        width = max(len(s) for s in batch)
-        ids = torch.full((b, width), self._pad_id, dtype=torch.long, device=dev)
-        attn = torch.zeros((b, width), dtype=torch.long, device=dev)
-        for row, seq in enumerate(batch):
-            ids[row, width - len(seq) :] = torch.tensor(seq, device=dev)
-            attn[row, width - len(seq) :] = 1
-        positions = (attn.cumsum(1) - 1).clamp(min=0)
-        out = self.model(
-            input_ids=ids, attention_mask=attn, position_ids=positions, use_cache=True, logits_to_keep=1
-        )
+        """Greedy labels with the project's KV-cached decoder (no generate(): its config merging may turn
+        sampling on), and the first answer token's distribution (one more prefill of the prompts)."""
+        ids, attn = left_pad(batch, self._pad_id, self._device)
+        out = self.model(input_ids=ids, attention_mask=attn, position_ids=padded_positions(attn), logits_to_keep=1)
         first = out.logits[:, -1].float().softmax(-1)
-        eos = torch.tensor(sorted(self._eos_ids), device=dev, dtype=torch.long)
-        done = torch.zeros(b, dtype=torch.bool, device=dev)
-        generated: list[torch.Tensor] = []
-        for step in range(self.classify_max_new_tokens):
-            nxt = out.logits[:, -1].argmax(-1)
-            nxt = torch.where(done, torch.full_like(nxt, self._pad_id), nxt)
-            generated.append(nxt)
-            done |= torch.isin(nxt, eos)
-            if bool(done.all()) or step == self.classify_max_new_tokens - 1:
-                break
-            attn = torch.cat([attn, torch.ones((b, 1), dtype=attn.dtype, device=dev)], dim=1)
-            positions = positions[:, -1:] + 1
-            # transformers renamed past_key_values to cache (5.2x); pass it back under the name it came in.
-            kv = {"cache": out["cache"]} if "cache" in out else {"past_key_values": out["past_key_values"]}
-            out = self.model(
-                input_ids=nxt[:, None], attention_mask=attn, position_ids=positions, use_cache=True, **kv
-            )
-        tokens = torch.stack(generated, 1).tolist() if generated else [[] for _ in range(b)]
-        labels = []
-        for row in tokens:
-            cut = next((k for k, t in enumerate(row) if t in self._eos_ids), len(row))
-            labels.append(self.tokenizer.decode(row[:cut], skip_special_tokens=True).strip())
+        settings = DecodeSettings(temperature=0.0, max_new_tokens=self.classify_max_new_tokens)
+        decoded = decode(self.model, batch, list(range(len(batch))), [0] * len(batch), settings,
+                         sorted(self._eos_ids), self._pad_id)
+        labels = [self.tokenizer.decode(tokens, skip_special_tokens=True).strip() for tokens, _ in decoded]
         top = first.topk(min(self.classify_top_k, first.shape[-1]), dim=-1)
         firsts = []
         for probs, idx in zip(top.values.tolist(), top.indices.tolist()):

@@ -267,6 +267,23 @@ def _history(ids: torch.Tensor, mask: torch.Tensor, vocab: int, extra: int) -> t
     return torch.cat([hist, last.expand(-1, extra)], dim=1)
 
 
+def left_pad(seqs: Sequence[Sequence[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention mask) of token lists padded on the left: the last column is every row's last
+    token, which is where a causal LM's next-token logits are read (decoding, judging)."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, width - len(s) :] = torch.tensor(list(s), dtype=torch.long)
+        mask[i, width - len(s) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+def padded_positions(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids of a left-padded batch: 0 at each row's first real token."""
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
 def decode(
     model: torch.nn.Module,
     prompts: Sequence[Sequence[int]],
@@ -287,14 +304,9 @@ def decode(
     cache_kw, has_keep = _forward_names(model)
     keep = {"logits_to_keep": 1} if has_keep else {}
     n_new = settings.max_new_tokens
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for i, p in enumerate(prompts):  # left padding: the last column is every prompt's last token
-        ids[i, width - len(p) :] = torch.tensor(list(p), dtype=torch.long)
-        mask[i, width - len(p) :] = 1
-    ids, mask = ids.to(device), mask.to(device)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    ids, mask = left_pad(prompts, pad_id, device)
+    width = ids.shape[1]
+    positions = padded_positions(mask)
     cache = _new_cache(model, width + n_new)
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **{cache_kw: cache}, **keep)
 
