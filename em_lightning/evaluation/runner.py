@@ -287,21 +287,15 @@ def json_safe(value: Any) -> Any:
     return value
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    # Temporary file in the same folder, fsynced, renamed: a resumed run or a reader never sees half a
-    # point; a full disk is one OSError naming the file.
-    atomic_write(path, text)
-
-
 def write_point(
     directory: str | Path, step: int, records: Sequence[dict], meta: Mapping[str, Any] | None = None
 ) -> Path:
     """``step_XXXXXXX.jsonl`` (one record per line, all scales) and, when given, the sidecar
     ``step_XXXXXXX.meta.json`` (sampling settings, judge identity, summaries, logged metrics)."""
     path = point_path(directory, step)
-    _atomic_write(path, "".join(json.dumps(json_safe(r), ensure_ascii=False) + "\n" for r in records))
+    atomic_write(path, "".join(json.dumps(json_safe(r), ensure_ascii=False) + "\n" for r in records))
     if meta is not None:
-        _atomic_write(path.with_suffix(".meta.json"), json.dumps(json_safe(dict(meta)), indent=1, ensure_ascii=False))
+        atomic_write(path.with_suffix(".meta.json"), json.dumps(json_safe(dict(meta)), indent=1, ensure_ascii=False))
     return path
 
 
