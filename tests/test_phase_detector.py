@@ -163,7 +163,7 @@ def test_level_follows_the_baseline():
 
 
 def test_real_trajectories_are_recorded():
-    assert len(REAL_FILES) >= 1, REAL_FILES
+    assert len(REAL_FILES) >= 2, REAL_FILES
     for name in REAL_FILES:
         steps, vectors = real(name)
         assert steps == list(range(len(steps))) and len(steps) >= 300 and vectors.shape[1] == 576
