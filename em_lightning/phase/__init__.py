@@ -1,7 +1,7 @@
 """Pure math on adapter trajectories: rotation metrics, local cosine similarity, PCA, per-layer LoRA
 directions and an online phase-transition detector. Torch only; nothing here imports Lightning."""
 
-from .detector import TransitionDetector, TransitionEvent, detect_transitions
+from .detector import TransitionDetector, TransitionEvent, detect_transitions, detection_trace
 from .directions import LoRADirection, canonical_sign, lora_direction
 from .pca import PCAResult, pca_2d
 from .rotation import (
@@ -23,6 +23,7 @@ __all__ = [
     "cosine_to_lag",
     "cumulative_rotation_degrees",
     "detect_transitions",
+    "detection_trace",
     "local_cosine_similarity",
     "lora_direction",
     "norms",

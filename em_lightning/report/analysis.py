@@ -3,7 +3,7 @@
 Reads what the run directory holds: the adapter trajectory (``trajectory/``, via
 ``em_lightning.phase.store``) and the TensorBoard scalars (``train/loss``, ``eval/em_rate``,
 ``eval/coherent_rate``, live transition scalars). Each figure is drawn when its data exists; a sharp turn
-of each module's B vector is found with ``em_lightning.phase.detect_transitions`` (the live callback's
+of each module's B vector is found with ``em_lightning.phase.detection_trace`` (the live callback's
 rule and, when the trajectory's meta records them, its settings) and marked on every figure. Reading and
 computing here know nothing of Lightning; ``figures.py`` draws it, ``summary.py`` writes report.md.
 """
@@ -23,7 +23,7 @@ from em_lightning.phase import (
     PCAResult,
     TransitionEvent,
     cumulative_rotation_degrees,
-    detect_transitions,
+    detection_trace,
     local_cosine_similarity,
     norms,
     pca_2d,
@@ -33,7 +33,7 @@ from em_lightning.phase.store import read_trajectory
 __all__ = ["ModuleAnalysis", "RunReport", "analyse_run", "read_scalars"]
 
 LOSS, EM_RATE, COHERENT_RATE = "train/loss", "eval/em_rate", "eval/coherent_rate"
-DETECTOR_KEYS = ("k", "threshold", "min_snr", "warmup", "cooldown")
+DETECTOR_KEYS = ("k", "threshold", "min_snr", "warmup", "cooldown", "min_rise", "min_z", "baseline")
 DEFAULT_DETECTOR_K = 8  # TransitionDetector's default
 
 
@@ -47,6 +47,7 @@ class ModuleAnalysis:
     rotation_a: Tensor  # (n,) cumulative degrees
     rotation_b: Tensor
     transitions: list[TransitionEvent]
+    firing_level: Tensor  # (n,) the level the detector's local cosine had to reach at each point (NaN: none)
 
 
 @dataclass
@@ -128,6 +129,7 @@ def _detector_settings(meta: dict, run_dir: Path, k: int | None) -> dict:
 
 def analyse_module(name: str, steps: list[int], a: Tensor, b: Tensor, ks: list[int], detector: dict) -> ModuleAnalysis:
     a, b = a.double(), b.double()
+    level, transitions = detection_trace(b, steps, **detector)
     return ModuleAnalysis(
         name=name,
         norm_a=norms(a),
@@ -136,7 +138,8 @@ def analyse_module(name: str, steps: list[int], a: Tensor, b: Tensor, ks: list[i
         pca=pca_2d(b),
         rotation_a=cumulative_rotation_degrees(a),
         rotation_b=cumulative_rotation_degrees(b),
-        transitions=detect_transitions(b, steps, **detector),
+        transitions=transitions,
+        firing_level=level,
     )
 
 

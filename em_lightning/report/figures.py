@@ -95,8 +95,9 @@ def draw_local_cosine(report: RunReport, max_modules: int) -> Figure:
     for ax, m in zip(axes, shown):
         for k, values in m.local_cosine.items():
             ax.plot(report.steps, values.tolist(), label=f"k={k}")
-        ax.axhline(report.detector.get("threshold", -0.7), color="grey", linestyle=":", linewidth=1,
-                   label="detector threshold")
+        k = report.detector.get("k")
+        ax.plot(report.steps, m.firing_level.tolist(), color="grey", linestyle=":", linewidth=1,
+                label=f"detector firing level (k={k}: rolling baseline + rise)")
         _mark_steps(ax, _module_marks(m))
         ax.set_ylim(-1.05, 1.05)
         ax.set_title(_short(m.name), fontsize="medium")
