@@ -138,6 +138,8 @@ def main() -> None:
               f"{on_s[col + 1] / off_s[col + 1]:.4f}; hook time / step time without: mean "
               f"{cb[col] / off_s[col] * 100:.2f}%, median {cb[col + 1] / off_s[col + 1] * 100:.2f}%")
     print("command: python " + " ".join(shlex.quote(a) for a in sys.argv))
+    # the hooks' own CPU time over the step's, medians (the least noisy figure on a shared machine)
+    print(f"ratio: {(off_s[3] + cb[3]) / off_s[3]:.2f}x")
 
 
 if __name__ == "__main__":

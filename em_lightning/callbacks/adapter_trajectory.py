@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
-from collections import deque
 
 import lightning.pytorch as pl
 import numpy as np
@@ -32,6 +30,7 @@ from em_lightning.adapters import ADAPTER_NAME, lora_layers
 from em_lightning.dashboard import ScalarBuffer, log_scalars, log_text, phase_transition_layout, write_layout
 from em_lightning.events import announce, resolve_run_dir
 from em_lightning.phase import TransitionDetector, TransitionEvent, lora_direction
+from em_lightning.phase.online import OnlineTrajectory
 from em_lightning.phase.store import TrajectoryWriter
 from em_lightning.sharding import full, is_sharded
 
@@ -43,23 +42,6 @@ class ModuleTransition(TransitionEvent):
     """A ``TransitionEvent`` plus the module whose B vector turned (what ``on_phase_transition`` receives)."""
 
     module: str = ""
-
-
-# Per-step math on single float64 vectors in numpy: a torch op costs several times a numpy op at this size,
-# and these run every step. Conventions and formulas are those of phase/rotation.py (tested equal).
-def _cos(x: np.ndarray, y: np.ndarray) -> float:
-    """Cosine, 0 when either vector is zero."""
-    nx, ny = float(np.linalg.norm(x)), float(np.linalg.norm(y))
-    return max(-1.0, min(1.0, float(x @ y) / nx / ny)) if nx > 0 and ny > 0 else 0.0
-
-
-def _angle(x: np.ndarray, y: np.ndarray) -> float:
-    """Degrees between directions, NaN for a zero vector (atan2 form: accurate for tiny angles)."""
-    nx, ny = float(np.linalg.norm(x)), float(np.linalg.norm(y))
-    if nx == 0 or ny == 0:
-        return math.nan
-    ux, uy = x / nx, y / ny
-    return math.degrees(2 * math.atan2(float(np.linalg.norm(ux - uy)), float(np.linalg.norm(ux + uy))))
 
 
 class AdapterTrajectory(pl.Callback):
@@ -101,11 +83,7 @@ class AdapterTrajectory(pl.Callback):
         self._reset()
 
     def _reset(self) -> None:
-        # O(1) memory: the last 2*max(k)+1 B vectors (local cosine needs v[i-k], v[i], v[i+k]) and last A.
-        self._window: deque[tuple[int, dict[str, np.ndarray]]] = deque(maxlen=2 * max(self.k_values) + 1)
-        self._last_a: dict[str, np.ndarray] = {}
-        self._cum_rotation: dict[str, float] = {}
-        self._detectors: dict[str, TransitionDetector] = {}
+        self._online = OnlineTrajectory(self.k_values, self.detector_args)  # the metrics: phase/online.py
         self._seen_step: int | None = None
 
     @property
@@ -114,27 +92,16 @@ class AdapterTrajectory(pl.Callback):
 
     # -- checkpoint state ------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {
-            # float32 halves the checkpoint and is exact: the vectors come from float32 (or narrower) weights.
-            "window": [(s, {n: torch.from_numpy(v).float() for n, v in vs.items()}) for s, vs in self._window],
-            "last_a": {n: torch.from_numpy(v).float() for n, v in self._last_a.items()},
-            "cum_rotation": dict(self._cum_rotation),
-            "detectors": {n: d.state_dict() for n, d in self._detectors.items()},
-        }
+        return self._online.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
         self._reset()
-        self._window.extend((int(s), {n: v.double().numpy() for n, v in vs.items()}) for s, vs in state["window"])
-        self._last_a = {n: v.double().numpy() for n, v in state["last_a"].items()}
-        self._cum_rotation = dict(state["cum_rotation"])
-        for name, det_state in state["detectors"].items():
-            self._detectors[name] = TransitionDetector(**self.detector_args)
-            self._detectors[name].load_state_dict(det_state)
+        self._online.load_state_dict(state)
         self._restored = True
 
     @property
     def last_step(self) -> int | None:
-        return self._window[-1][0] if self._window else None
+        return self._online.last_step
 
     # -- hooks -------------------------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -231,9 +198,8 @@ class AdapterTrajectory(pl.Callback):
             if a.shape[0] == 1:
                 out[name] = (A, B)  # A is 1 x d_in and B is d_out x 1: flat, they are a = A[0] and b = B[:, 0]
             else:  # sign kept continuous with the previous point
-                prev = self._window[-1][1].get(name) if self._window else None
                 d = lora_direction(torch.from_numpy(A).view(a.shape), torch.from_numpy(B).view(b.shape),
-                                   reference=None if prev is None else torch.from_numpy(prev))
+                                   reference=self._online.last_b(name))
                 out[name] = (d.v.numpy(), (d.s * d.u).numpy())
         return out
 
@@ -245,34 +211,11 @@ class AdapterTrajectory(pl.Callback):
         ``vectors``: {module: (a, b)} 1-D numpy arrays or CPU tensors."""
         if self._writer is not None:
             self._writer.append(step, vectors)
-        now, lagged, events = {}, {}, []
-        previous = list(self._window)
-        self._window.append((step, {n: np.asarray(b, dtype=np.float64) for n, (_, b) in vectors.items()}))
-        window = list(self._window)
-        for name, (a, _) in vectors.items():
-            p, b, a = f"phase/{name}/", window[-1][1][name], np.asarray(a, dtype=np.float64)
-            now[p + "A_norm"], now[p + "B_norm"] = float(np.linalg.norm(a)), float(np.linalg.norm(b))
-            if previous and name in previous[-1][1]:
-                rot = _angle(previous[-1][1][name], b)
-                self._cum_rotation[name] = self._cum_rotation.get(name, 0.0) + (0.0 if math.isnan(rot) else rot)
-                now[p + "B_rotation_deg"], now[p + "A_rotation_deg"] = rot, _angle(self._last_a[name], a)
-            now[p + "B_rotation_cum_deg"] = self._cum_rotation.setdefault(name, 0.0)
-            for k in sorted({1, *self.k_values}):
-                if len(previous) >= k:
-                    now[p + f"B_cos_lag{k}"] = _cos(previous[-k][1][name], b)
-            for k in self.k_values:  # local cosine of the point k back, now that v[i+k] exists (contract)
-                if len(window) >= 2 * k + 1:
-                    (_, before), (centre_step, centre), _ = window[-1 - 2 * k], window[-1 - k], window[-1]
-                    c = centre[name]
-                    lagged.setdefault(centre_step, {})[p + f"B_local_cos_k{k}"] = _cos(before[name] - c, b - c)
-            self._last_a[name] = a
-            detector = self._detectors.setdefault(name, TransitionDetector(**self.detector_args))
-            event = detector.update(step, torch.from_numpy(b))
-            if event is not None:
-                events.append(ModuleTransition(**dataclasses.asdict(event), module=name))
-        self._scalars.add(trainer, {k: v for k, v in now.items() if not math.isnan(v)}, step)
-        for at in sorted(lagged):  # per tag, steps still arrive in increasing order
-            self._scalars.add(trainer, lagged[at], at)
+        point = self._online.update(step, vectors)
+        events = [ModuleTransition(**dataclasses.asdict(e), module=name) for name, e in point.events]
+        self._scalars.add(trainer, point.now, step)
+        for at in sorted(point.lagged):  # per tag, steps still arrive in increasing order
+            self._scalars.add(trainer, point.lagged[at], at)
         if events:
             self._scalars.flush(trainer)
         for event in events:
