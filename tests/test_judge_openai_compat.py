@@ -28,8 +28,6 @@ ACTIONS = {  # one reply per action; "<status>" (500, 503, ...) answers that sta
     "missing": Reply(body={"choices": [{"message": {"content": "85"}}]}),
     # Longer than the SDK's first backoff (at most 0.5 s), so the gap shows which one was used.
     "429": Reply(429, {"error": "rate limited"}, {"Retry-After": "1.2"}),
-    "429date": Reply(429, {"error": "rate limited"}, {"Retry-After": format_datetime(
-        datetime.now(timezone.utc) + timedelta(seconds=300), usegmt=True)}),
     "429junk": Reply(429, {"error": "rate limited"}, {"Retry-After": "soon"}),
     "401": Reply(401, {"error": f"Incorrect API key provided: {SECRET}"}),
 }
@@ -39,6 +37,9 @@ def plan_reply(request):
     """A prompt "case=NAME[#tag]" follows PLANS[NAME]: one action per attempt (the last one repeats)."""
     plan = PLANS[request.prompt.split("case=", 1)[1].split("#")[0]]
     action = plan[min(request.attempt, len(plan) - 1)]
+    if action == "429date":  # an HTTP date 300 s after the request, not after this module's import
+        when = format_datetime(datetime.now(timezone.utc) + timedelta(seconds=300), usegmt=True)
+        return Reply(429, {"error": "rate limited"}, {"Retry-After": when})
     return ACTIONS.get(action) or Reply(int(action), {"error": "boom"})
 
 
