@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import time
 import warnings
 from pathlib import Path
@@ -154,6 +155,12 @@ class EMFineTune(pl.LightningModule):
         # over ranks in one collective (nothing to gather on one device), no host sync here.
         loss, tokens = self.trainer.strategy.reduce(torch.stack([self._step_loss, self._step_tokens.float()]),
                                                     reduce_op="sum")
+        # The LR of this step, a pure function of it (schedule.py): set before the optimizer reads it, so a
+        # resumed or extended run needs no scheduler state.
+        hp = self.hparams
+        factor = lr_factor(self.trainer.global_step, hp.schedule, hp.warmup_steps, self._schedule_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = hp.lr * factor
         self.log("train/loss", loss, on_step=True, prog_bar=True)
         self.log("train/lr", optimizer.param_groups[0]["lr"], on_step=True)
         grads = [p.grad for p in self.trainable_parameters() if p.grad is not None]
@@ -168,12 +175,6 @@ class EMFineTune(pl.LightningModule):
     def on_train_start(self) -> None:
         self._step_loss = self._step_tokens = torch.zeros((), device=self.device)
         self._last_step_end = None
-        # A restored optimizer carries the LR of the checkpoint's schedule; when a finished run is
-        # extended the schedule is stretched, so re-evaluate the LR of the current step right away.
-        for config in self.trainer.lr_scheduler_configs:
-            sched = config.scheduler
-            for group, base_lr, fn in zip(sched.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
-                group["lr"] = base_lr * fn(sched.last_epoch)
         if self.validate_before_training and self.trainer.global_step == 0:
             self._log_held_out_loss(step=0)
 
@@ -182,16 +183,20 @@ class EMFineTune(pl.LightningModule):
             self._log_held_out_loss(step=self.trainer.global_step)
 
     def _log_held_out_loss(self, step: int) -> None:
-        """val/loss over the whole held-out set outside Lightning's validation loop (before the first
-        step, after the last one); collective: every rank runs it."""
+        """val/loss over the held-out set (``trainer.limit_val_batches`` of it) outside Lightning's validation
+        loop (before the first step, after the last one); collective: every rank runs it."""
         loaders = self.trainer.datamodule.val_dataloader() if self.trainer.datamodule is not None else []
         if not loaders:
+            return
+        limit = self.trainer.limit_val_batches  # as Lightning's loop reads it: a count, or a fraction
+        n = int(limit) if isinstance(limit, int) else int(len(loaders) * limit)
+        if n == 0:
             return
         was_training = self.model.training
         self.model.eval()
         self.on_validation_epoch_start()
         with torch.no_grad():
-            for batch in loaders:
+            for batch in itertools.islice(loaders, n):
                 self.validation_step(self.trainer.strategy.batch_to_device(batch), 0)
         self.model.train(was_training)
         self._write_val_loss(self._reduced_val_loss(), step)
@@ -251,10 +256,8 @@ class EMFineTune(pl.LightningModule):
             f"{trainable_parameter_count(self.model):,} trainable; LR schedule: {hp.schedule}, "
             f"warmup {hp.warmup_steps}, length {total} optimizer steps"
         )
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda step: lr_factor(step, hp.schedule, hp.warmup_steps, total)
-        )
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        self._schedule_steps = total  # the LR is set each step from it (on_before_optimizer_step)
+        return opt
 
     def _planned_steps(self) -> int:
         # Not trainer.estimated_stepping_batches: for an epoch-limited run it builds the train dataloader
