@@ -48,6 +48,7 @@ bench: setup
 	$(OFFLINE) $(PY) scripts/bench_trajectory.py
 	$(OFFLINE) $(PY) scripts/bench_eval_point.py
 	$(OFFLINE) $(PY) scripts/bench_judge.py
+	$(OFFLINE) $(PY) scripts/bench_background_judge.py
 
 clean:
 	rm -rf runs .pytest_cache
