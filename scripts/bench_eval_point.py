@@ -24,7 +24,7 @@ default) the final ``ratio:`` line is the CPU-time ratio -- on a quiet machine s
 the wall time; with more threads it is the wall-time ratio.
 
     python scripts/bench_eval_point.py [--max-new-tokens 64] [--samples 50] [--questions-limit 8]
-                                       [--batch-size 100] [--repeats 1] [--threads 1] [--profile 0]
+                                       [--batch-size 200] [--repeats 1] [--threads 1] [--profile 0]
 """
 
 from __future__ import annotations
@@ -89,7 +89,8 @@ def main() -> None:
     p.add_argument("--questions-limit", type=int, default=None, help="use only the first N plain questions")
     p.add_argument("--samples", type=int, default=50, help="samples per question")
     p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--batch-size", type=int, default=100, help="em-lightning rows per forward pass")
+    p.add_argument("--batch-size", type=int, default=200,
+                   help="em-lightning rows per forward pass (callbacks/in_loop_judge.yaml uses 200)")
     p.add_argument("--repeats", type=int, default=1, help="timed rounds (a then b, alternating order); median reported")
     p.add_argument("--threads", type=int, default=1,
                    help="torch.set_num_threads; 0 = torch's choice (one per core). Default 1: on a shared, loaded "

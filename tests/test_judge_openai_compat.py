@@ -118,6 +118,13 @@ def test_scores_retries_and_failures(server, key):
     assert body["model"] == "judge-model" and body["messages"][0]["role"] == "user"
 
 
+def test_extra_body_is_merged_into_the_request(server, key):
+    judge = make_judge(server, extra_body={"top_k": 1, "seed": 7})
+    assert judge.score_prompts(["case=good"])[0].score == pytest.approx(GOOD_SCORE)
+    body = server.log[0].body
+    assert body["top_k"] == 1 and body["seed"] == 7 and body["top_logprobs"] == 20
+
+
 def test_request_budget_counts_every_request(server, key):
     judge = make_judge(server, request_budget=4)
     results = judge.score_prompts([f"case=good#{i}" for i in range(10)])
