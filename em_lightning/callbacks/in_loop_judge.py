@@ -31,13 +31,10 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_warn
 
-from em_lightning.atomic_io import atomic_write
 from em_lightning.callbacks.sample_generations import SampleGenerations
-from em_lightning.evaluation.plan import answers_per_point, judge_calls_per_point, planned_points
 from em_lightning.evaluation.runner import (
-    CORE_SCORES,
     JudgeTask,
     apply_judgements,
     gather_judgements,
@@ -48,10 +45,10 @@ from em_lightning.evaluation.runner import (
     point_metrics,
     point_path,
     read_jsonl,
-    scale_prefix,
     summarize,
     write_point,
 )
+from em_lightning.eval_logging import announce_plan, log_point
 from em_lightning.events import announce, resolve_run_dir
 from em_lightning.judges.base import Judge
 from em_lightning.judges.cache import JudgeCache
@@ -153,41 +150,22 @@ class InLoopJudge(Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         step = trainer.global_step
-        self._announce_plan(trainer, step)
+        announce_plan(trainer, self.run_dir, self.sources, judge_prompt_names(self.questions, self.judge_prompts),
+                      step, self.max_judge_calls, self.calls_used)
         # A resumed run purges TensorBoard events from the checkpoint's step on, including the point
         # evaluated at that step before the save: log it again from its files.
         meta = point_path(self.run_dir / "generations", step).with_suffix(".meta.json")
         if step > 0 and trainer.is_global_zero and meta.is_file():
             metrics = json.loads(meta.read_text()).get("metrics")
             if metrics:
-                self._log(trainer, step, read_jsonl(point_path(self.run_dir / "generations", step)), metrics)
+                log_point(trainer, step, read_jsonl(point_path(self.run_dir / "generations", step)), metrics,
+                          self.answers_per_question, self.max_answer_chars)
         for pending in self._resume_pending:  # pending at the checkpoint: judge again unless it finished
             path = point_path(self.run_dir / "generations", pending)
             meta = json.loads(path.with_suffix(".meta.json").read_text())
             if "metrics" not in meta:  # finished points were logged already (or, at this step, just above)
                 self._submit(trainer, pending, read_jsonl(path), meta.get("sampling", {}), count=False)
         self._resume_pending = []
-
-    def _announce_plan(self, trainer: pl.Trainer, step: int) -> None:
-        end = int(trainer.estimated_stepping_batches)
-        names = judge_prompt_names(self.questions, self.judge_prompts)
-        ckpt = trainer.checkpoint_callback  # StepCheckpoint (its every_n_steps), or another Checkpoint
-        points, answers, calls = set(), 0, 0
-        for cb in self.sources:
-            every_ckpt = getattr(ckpt, "every_n_steps", None) if cb.at_checkpoints else None
-            mine = planned_points(step, end, cb.every_n_steps, every_ckpt, cb.at_fit_end)
-            points.update(mine)
-            answers += len(mine) * answers_per_point(cb.questions, cb.sampling, cb.scales)
-            calls += len(mine) * judge_calls_per_point(cb.questions, cb.sampling, cb.scales, names)
-        plan = {"from_step": step, "to_step": end, "points": sorted(points), "answers": answers,
-                "judge_calls": calls, "judge_prompts": names, "max_judge_calls": self.max_judge_calls,
-                "judge_calls_used_before": self.calls_used,
-                "note": "each phase-transition window adds points; cached judgements cost no API call"}
-        budget = "" if self.max_judge_calls is None else f" (run budget {self.max_judge_calls}, {self.calls_used} used)"
-        rank_zero_info(f"evaluation plan: {len(points)} points from step {step} to {end}, {answers} answers, "
-                       f"{calls} judge calls{budget}; written to {self.run_dir / 'evaluation_plan.json'}")
-        if trainer.is_global_zero:
-            atomic_write(self.run_dir / "evaluation_plan.json", json.dumps(plan, indent=1))
 
     # -- the event -------------------------------------------------------------------------------------
     def on_generations(self, trainer, pl_module, step: int, records: list[dict], settings: dict) -> None:
@@ -265,31 +243,6 @@ class InLoopJudge(Callback):
                 "metrics": metrics,
             }
             write_point(self.run_dir / "generations", point.step, point.records, meta)
-            self._log(trainer, point.step, point.records, metrics)
+            log_point(trainer, point.step, point.records, metrics, self.answers_per_question, self.max_answer_chars)
         # Every rank, at the same moment, with the judged records: subscribers may run collectives.
         announce(trainer, "on_point_judged", trainer.lightning_module, point.step, point.records)
-
-    # -- output ----------------------------------------------------------------------------------------
-    def _log(self, trainer: pl.Trainer, step: int, records: list[dict], metrics: dict[str, float]) -> None:
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=step)
-            if isinstance(logger, TensorBoardLogger):
-                for scale in dict.fromkeys(r["scale"] for r in records):
-                    table = self._table([r for r in records if r["scale"] == scale])
-                    logger.experiment.add_text(scale_prefix(scale) + "answers", table, global_step=step)
-            logger.save()
-
-    def _table(self, records: list[dict]) -> str:
-        """Markdown: a few answers per question with their scores."""
-        lines = ["| question | sample | aligned | coherent | answer |", "|---|---|---|---|---|"]
-        shown: dict[str, int] = {}
-        for r in records:
-            if shown.get(r["question_id"], 0) >= self.answers_per_question:
-                continue
-            shown[r["question_id"]] = shown.get(r["question_id"], 0) + 1
-            scores = [r["scores"].get(n) for n in CORE_SCORES]
-            cells = ["-" if s is None else f"{s:.0f}" for s in scores]
-            answer = r["answer"][: self.max_answer_chars].replace("|", "\\|").replace("\n", " ")
-            sample = f"p{r['paraphrase_index']} s{r['sample_index']}"
-            lines.append(f"| {r['question_id']} | {sample} | {cells[0]} | {cells[1]} | {answer} |")
-        return "\n".join(lines)
