@@ -58,7 +58,8 @@ class Latency:
 
 
 class PointTimer(L.Callback):
-    """Wall time from each point's submission to its metrics (InLoopJudge keeps its futures)."""
+    """Wall time from each point's submission (``on_generations``) to its metrics (``on_point_judged``,
+    which InLoopJudge announces once the point is finished)."""
 
     def __init__(self):
         self.submitted, self.judged = {}, {}
@@ -66,17 +67,8 @@ class PointTimer(L.Callback):
     def on_generations(self, trainer, pl_module, step, records, settings):
         self.submitted[step] = time.perf_counter()
 
-    def on_train_batch_end(self, trainer, *args):
-        self._poll(trainer)
-
-    def on_fit_end(self, trainer, *args):
-        self._poll(trainer)
-
-    def _poll(self, trainer):
-        for cb in trainer.callbacks:
-            for p in getattr(cb, "_pending", []):
-                if p.future.done():
-                    self.judged.setdefault(p.step, time.perf_counter())
+    def on_point_judged(self, trainer, pl_module, step, records):
+        self.judged[step] = time.perf_counter()
 
 
 def run(mode: str, root: Path, url: str, points: int, every: int, spec: ModelSpec) -> tuple[float, float]:
@@ -101,7 +93,7 @@ def run(mode: str, root: Path, url: str, points: int, every: int, spec: ModelSpe
     if last is None:
         return wall, 0.0
     # the last point's judging in isolation: submission to completion (nothing else overlaps it)
-    return wall, timer.judged.get(last, time.perf_counter()) - timer.submitted[last]
+    return wall, timer.judged[last] - timer.submitted[last]
 
 
 def main() -> None:

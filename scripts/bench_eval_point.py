@@ -1,4 +1,4 @@
-"""Wall time of one evaluation point: em-lightning's sampler against the reference approach.
+"""CPU and wall time of one evaluation point: em-lightning's sampler against the reference approach.
 
 One evaluation point = the 8 plain questions of first_plot_questions.yaml x 50 samples (400 answers),
 temperature 1, top_p 1, on a CPU tiny Qwen2 of the shape used for the baselines in

@@ -337,8 +337,15 @@ def main() -> None:
     print("first-step loss (token-weighted over the step's 8 micro-batches): "
           + ", ".join(f"{p} {v:.7f}" for p, v in firsts.items()) + " (equal within 1e-5 relative)")
     em_losses = results["em-lightning"][0]["losses"]
+    assert len(em_losses) == STEPS
     for p, rs in results.items():
         print(f"  {p} per-step loss: " + " ".join(f"{x:.4f}" for x in rs[0]["losses"]))
+        # every step, every run (the Trainer's logged loss is rounded to 4 decimals); same tokens timed
+        for r in rs:
+            assert len(r["losses"]) == STEPS and all(abs(a - b) <= 1e-4 + 1e-5 * abs(b) for a, b in
+                                                     zip(r["losses"], em_losses)), f"{p}: per-step loss differs"
+            assert r["tokens"] == results["em-lightning"][0]["tokens"], f"{p}: other tokens timed"
+    print("per-step losses of every run equal em-lightning's (within 1e-4); the same tokens timed")
     med = {p: statistics.median(r["tok_s"] for r in rs) for p, rs in results.items()}
     cpu = {p: statistics.median(r["tok_cpu_s"] for r in rs) for p, rs in results.items()}
     rss = {p: max(r["peak_rss_mib"] for r in rs) for p, rs in results.items()}
@@ -347,7 +354,6 @@ def main() -> None:
               f"CPU-second), peak RSS {rss[p]:,.0f} MiB")
     if "trl-default" in med:
         print(f"em-lightning / trl-default: {med['em-lightning'] / med['trl-default']:.2f}x")
-    assert len(em_losses) == STEPS
     # Tokens per CPU-second: the work each peer needs, less sensitive to other load on a shared machine
     # (with one thread per run; with more, threads waiting on each other count too).
     print(f"em-lightning / trl-plain per CPU-second: {cpu['em-lightning'] / cpu['trl-plain']:.2f}x")

@@ -39,8 +39,8 @@ d = 16 and 512):
   linearly to 5% (as the LR), constant bends of 1, 2 and 5 degrees per point (at 5, c sits near -0.77),
   a turning rate ramping from 0 to 6 degrees per point (c drifts from -1 to -0.5), a heading that
   random-walks, noise 0-1x: 3 of 960, all on the ramp at d = 16 with noise 1x (3 of those 15); noise 2x:
-  0 of 240; driftless random walks and jitter: 0 of 120. The former fixed rule (c > -0.7 at a peak)
-  fired on 102 of the 960 (25-58% of the bend-5 and ramp paths) and on none of the others.
+  0 of 240; driftless random walks and jitter: 0 of 120. The former fixed rule (c > -0.7 at a peak; before
+  commit 54e8b3c, measured there on the same paths) fired on 102 of the 960 (25-58% of the bend-5 and ramp paths) and on none of the others.
 - Misses (anything but exactly one event within 2 points of a corner; straight, decaying, bending and
   wandering paths). Noise <= 0.5x: 45 degrees 4 of 144 missed, 60-180 degrees 0 of 720. Noise 1x,
   d = 512: 45 degrees 38%, 60-180 degrees 0%. Noise 1x, d = 16: 45 degrees 75%, 60 degrees 29%, 90-180
