@@ -338,9 +338,10 @@ def test_corrupt_explicit_checkpoint_names_its_file(tmp_path, capsys, reference)
 
 
 def test_kill_during_checkpoint_write_then_resume_is_bit_identical(tmp_path, faults, reference):
-    """SIGKILL while last.ckpt of step 4 is being written: the previous last.ckpt (step 2) must survive."""
+    """SIGKILL while step 4's checkpoint is being written (last.ckpt is then linked to it, not written again):
+    the previous last.ckpt (step 2) must survive."""
     cfg = write_yaml(tmp_path / "kill.yaml", {"trainer": {"callbacks": [
-        {"class_path": "fault_inject.KillDuringCheckpointWrite", "init_args": {"at_step": 4, "target": "last.ckpt"}}]}})
+        {"class_path": "fault_inject.KillDuringCheckpointWrite", "init_args": {"at_step": 4, "target": "step_0000004"}}]}})
     root = tmp_path / "runs"
     # Stage temp files like a machine whose /tmp is another file system (/dev/shm here): Lightning's own
     # save wrote there and then copied into place, so a kill mid-copy truncated the final file.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import shutil
 from pathlib import Path
 
@@ -65,8 +66,13 @@ class StepCheckpoint(Checkpoint):
         if step == self._saved_step:  # mid gradient accumulation, or saved already
             return
         if step % self.every_n_steps == 0:
-            self._save(trainer, self.dirpath / f"step_{step:07d}.ckpt")
-            self._save(trainer, self.dirpath / "last.ckpt")
+            if self.save_top_k == 0:  # no step files kept: do not write one only to delete it
+                self._save(trainer, self.dirpath / "last.ckpt")
+                return
+            step_path = self.dirpath / f"step_{step:07d}.ckpt"
+            self._save(trainer, step_path)
+            if not self._place_last(trainer, step_path):
+                self._save(trainer, self.dirpath / "last.ckpt")
             self._prune(trainer)
         elif self._is_final_batch(trainer):
             self._save(trainer, self.dirpath / "last.ckpt")
@@ -86,6 +92,24 @@ class StepCheckpoint(Checkpoint):
     def _save(self, trainer: pl.Trainer, path: Path) -> None:
         trainer.save_checkpoint(path, weights_only=self.save_weights_only)
         self._saved_step = trainer.global_step
+
+    def _place_last(self, trainer: pl.Trainer, step_path: Path) -> bool:
+        """Make last.ckpt the step file just written without serializing the state again: a hard link (a
+        copy where links fail) under a temporary name, renamed over last.ckpt. Only when checkpoints are
+        written by AtomicCheckpointIO, whose temp + rename never writes into a linked file; sharded folders
+        and other CheckpointIOs are saved again (False)."""
+        if not isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO) or step_path.is_dir():
+            return False
+        if trainer.is_global_zero:
+            tmp = self.dirpath / f".last.ckpt.em-tmp-{os.getpid()}"
+            tmp.unlink(missing_ok=True)
+            try:
+                os.link(step_path, tmp)
+            except OSError:
+                shutil.copyfile(step_path, tmp)
+            os.replace(tmp, self.dirpath / "last.ckpt")
+        trainer.strategy.barrier("StepCheckpoint.last")
+        return True
 
     def _prune(self, trainer: pl.Trainer) -> None:
         """Keep the newest ``save_top_k`` step checkpoints (files, or folders of shards under FSDP2)."""
