@@ -49,6 +49,7 @@ bench: setup
 	$(OFFLINE) OMP_NUM_THREADS=1 $(PY) scripts/bench_vs_trl.py --threads 1
 	$(OFFLINE) $(PY) scripts/bench_trajectory.py
 	$(OFFLINE) $(PY) scripts/bench_eval_point.py
+	$(OFFLINE) $(PY) scripts/bench_sampler_ties.py
 	$(OFFLINE) $(PY) scripts/bench_judge.py
 	$(OFFLINE) $(PY) scripts/bench_background_judge.py
 

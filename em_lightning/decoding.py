@@ -16,8 +16,9 @@ Logits are processed like transformers does (repetition penalty, then temperatur
 same rules and order as its warpers). When top-k is on (transformers fills top_k 50 when nothing sets it),
 everything after the top-k runs on the k candidates only -- not on the whole vocabulary -- with the
 candidates ordered by token id, so the inverse CDF picks the same token as one over the full, masked
-vocabulary would. A row whose k-th and (k+1)-th scores tie (transformers keeps every tied token) is
-handled on its full vocabulary row, so the kept set is always transformers'. So a row's answer is a
+vocabulary would. Tokens tied with the k-th score are kept too (as transformers does): 16 more candidates
+are fetched, and only a row whose ties run past them is handled on its full vocabulary row, so the kept
+set is always transformers'. So a row's answer is a
 function of its prompt, its seed and the settings only. (Batched forwards may round differently from
 unbatched ones at the last bit; a token flips only if a uniform lands within that rounding of a CDF
 boundary. Temperature is applied to the candidates after the top-k: equal to transformers' order except
@@ -41,7 +42,8 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-SAMPLER = "inverse-cdf/splitmix64-v2"  # written to each point's settings: which random scheme made the answers
+SAMPLER = "inverse-cdf/splitmix64-v2"
+TIE_SLACK = 16  # candidates fetched beyond top_k (bf16 ties at the k-th value: 69% of SmolLM2's rows)  # written to each point's settings: which random scheme made the answers
 
 _M64 = (1 << 64) - 1
 _GAMMA, _MIX1, _MIX2 = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
@@ -144,17 +146,23 @@ def candidate_groups(
 ) -> Iterator[tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]]:
     """The warped candidates of every row, in groups: (row indices or None = all rows, candidate scores
     (rows, m) with -inf for removed ones, their token ids in ascending order (rows, m) or None = the whole
-    vocabulary in order). Rows with a tie at the top-k boundary come as their own full-vocabulary group."""
+    vocabulary in order). Rows whose top-k boundary ties run past the fetched candidates come as their own
+    full-vocabulary group."""
     vocab = scores.shape[-1]
     k = s.top_k if 0 < s.top_k < vocab else 0  # transformers: min(top_k, vocab); k >= vocab keeps all
     if not k:
         yield None, _warp_candidates(scores, s), None
         return
-    vals, idx = topk_blocked(scores, k + 1)  # descending
+    # transformers keeps every token scoring >= the k-th value. bf16 logits tie there in most rows, so
+    # TIE_SLACK more are fetched and those below the k-th value removed; only a row whose ties may run past
+    # them (its last fetched score equals the k-th) needs its full vocabulary row.
+    m = min(k + TIE_SLACK, vocab)
+    vals, idx = topk_blocked(scores, m)  # descending
     kth = vals[:, k - 1 : k]
-    tie = (vals[:, k] == vals[:, k - 1]) & (vals[:, k - 1] > float("-inf"))
-    idx, order = idx[:, :k].sort(dim=-1)  # token order: the CDF walks the vocabulary like the full one
-    vals = vals[:, :k].gather(1, order)
+    tie = (vals[:, -1] == kth[:, 0]) & (kth[:, 0] > float("-inf")) & (m < vocab)
+    idx, order = idx.sort(dim=-1)  # token order: the CDF walks the vocabulary like the full one
+    vals = vals.gather(1, order)
+    vals = vals.masked_fill(vals < kth, float("-inf"))
     if not bool(tie.any()):
         yield None, _warp_candidates(vals, s), idx
         return
