@@ -66,7 +66,7 @@ def test_probes_logged_at_step_resolution(run):
     cos = dict(scalars(run, "mech/model.layers.15.mlp.down_proj/cos_B_direction"))
     assert sorted(cos) == [0, 4] and cos[0] == 0.0 and cos[4] != 0.0  # B starts at zero, then moves
     auroc = dict(scalars(run, "mech/model.layers.15.mlp.down_proj/lora_scalar_auroc"))
-    assert all(0.0 <= v <= 1.0 for v in auroc.values())
+    assert sorted(auroc) == [0, 4] and all(0.0 <= v <= 1.0 for v in auroc.values())  # logged at both periods
     assert dict(scalars(run, "mech/n_em")).keys() == {4}  # counted at the judged point
 
 

@@ -101,7 +101,7 @@ class InLoopJudge(Callback):
         self.background, self.max_judge_calls = background, max_judge_calls
         self.questions: list = []
         self.sources: list[SampleGenerations] = []
-        self._resolved: dict[str, Judge] | None = None
+        self.resolved: dict[str, Judge] | None = None  # built at setup (cache, key check); MechanisticProbes too
         self.run_dir: Path | None = None
         self.calls_used = 0  # checkpointed: the budget spans resumes
         self.skipped: list[int] = []  # points left unjudged by the budget (checkpointed)
@@ -132,7 +132,7 @@ class InLoopJudge(Callback):
         if not self.sources:
             raise ValueError("InLoopJudge needs a SampleGenerations callback (it judges that callback's answers)")
         self.questions = [q for cb in self.sources for q in cb.questions]
-        if self._resolved is not None:
+        if self.resolved is not None:
             return
         names = judge_prompt_names(self.questions, self.judge_prompts)
         cache = None
@@ -146,7 +146,7 @@ class InLoopJudge(Callback):
             resolved = prepare_judges({"*": self.judge, **self.judges}, names, cache)
         except ValueError as exc:
             raise ValueError(f"InLoopJudge: {exc}") from None
-        self._resolved = resolved
+        self.resolved = resolved
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         step = trainer.global_step
@@ -183,7 +183,7 @@ class InLoopJudge(Callback):
         rank, world = trainer.global_rank, trainer.world_size
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="InLoopJudge")
-        future = self._pool.submit(judge_share, records, self.questions, self._resolved, tasks, rank, world)
+        future = self._pool.submit(judge_share, records, self.questions, self.resolved, tasks, rank, world)
         self._pending.append(_Pending(step, records, settings, tasks, future))
 
     def _skip(self, trainer, step: int, records: list[dict], settings: dict, n_calls: int) -> None:
@@ -238,7 +238,7 @@ class InLoopJudge(Callback):
                 "step": point.step,
                 "n_records": len(point.records),
                 "sampling": point.settings,
-                "judges": judge_names(self._resolved, point.tasks),
+                "judges": judge_names(self.resolved, point.tasks),
                 "summary": {str(s): v for s, v in summarize(point.records, self.questions).items()},
                 "metrics": metrics,
             }

@@ -38,9 +38,8 @@ from lightning.pytorch.utilities import rank_zero_info
 from em_lightning.callbacks.in_loop_judge import InLoopJudge
 from em_lightning.callbacks.sample_generations import SampleGenerations
 from em_lightning.dashboard import log_scalars, log_text
-from em_lightning.evaluation.runner import judge_prompt_names, judge_records
+from em_lightning.evaluation.runner import judge_records
 from em_lightning.events import resolve_run_dir
-from em_lightning.judges.factory import prepare_judges
 from em_lightning.probes.activations import collect, layer_count
 from em_lightning.probes.alignment import cosine, layer_of, output_vectors
 from em_lightning.probes.directions import (
@@ -144,7 +143,14 @@ class MechanisticProbes(Callback):
         if self.every_n_steps is not None and step % self.every_n_steps == 0:
             self._periodic(trainer, pl_module, step)
 
+    def _needs_point_weights(self) -> bool:
+        """A judged direction, or ablation from the fine-tuned model, uses the weights of the point's step
+        (steering runs the base model, scale 0, where the adapter's weights do not matter)."""
+        return self.direction_source == "judged" or bool(self.steer["alphas"]) and self.steer["mode"] == "ablate"
+
     def on_generations(self, trainer, pl_module, step: int, records: list[dict], settings: dict) -> None:
+        if not self._needs_point_weights():
+            return
         self._snapshots[step] = snapshot_trainable(pl_module.model)  # the weights that wrote these answers
         while len(self._snapshots) > _KEEP_SNAPSHOTS:
             self._snapshots.pop(min(self._snapshots))
@@ -155,6 +161,9 @@ class MechanisticProbes(Callback):
         labels = [y for _, y in labelled]
         n_em, n_aligned = labels.count(EM), labels.count(ALIGNED)
         metrics = {"mech/n_em": float(n_em), "mech/n_aligned": float(n_aligned)}
+        model, snapshot = pl_module.model, self._snapshots.pop(step, None)
+        for older in [s for s in self._snapshots if s < step]:  # points finish in order: these never will
+            del self._snapshots[older]
         judged = self.direction_source == "judged"
         if judged and min(n_em, n_aligned) < self.min_per_class:  # from the records: the same on every rank
             reason = (f"step {step}: no direction: {n_em} EM and {n_aligned} aligned answers, need "
@@ -163,14 +172,16 @@ class MechanisticProbes(Callback):
             log_scalars(trainer, {**metrics, "mech/direction_skipped": 1.0}, step)
             log_text(trainer, "mech/direction", step, reason)
             return
-        model, snapshot = pl_module.model, self._snapshots.pop(step, None)
+        if not judged and not (self.steer["alphas"] and self.direction is not None):  # nothing to compute
+            log_scalars(trainer, metrics, step)
+            return
         with swapped_in(model, snapshot):
             if judged:
                 meta = {"source": "judged answers", "classes": self.classes.describe(), "scales": self.answer_scales,
                         "weights": "of the point's step" if snapshot else "current (the point's were not kept)"}
                 metrics.update(self._direction(trainer, pl_module, step, [r["prompt"] for r, _ in labelled],
                                                [r["answer"] for r, _ in labelled], labels, meta))
-            if self.steer["alphas"] and self.direction is not None:
+            if self.steer["alphas"] and self.direction is not None:  # the direction just computed, or the last
                 metrics.update(self._steer(trainer, model, pl_module.tokenizer, step))
         log_scalars(trainer, metrics, step)
 
@@ -178,9 +189,11 @@ class MechanisticProbes(Callback):
     def _alignment(self, model) -> dict[str, float]:
         """cos(B, direction at B's layer) and the direction's norm there (B vectors: collective on FSDP2)."""
         out = {}
+        if self.direction is None:  # the same on every rank: no rank enters output_vectors' collective alone
+            return out
         for name, b in output_vectors(model).items():
             layer = layer_of(name)
-            if self.direction is not None and layer in self.direction.vectors:
+            if layer in self.direction.vectors:
                 v = self.direction.vectors[layer]
                 out[f"mech/{name}/cos_B_direction"] = cosine(b, v)
                 out[f"mech/{name}/direction_norm"] = float(v.norm())
@@ -223,8 +236,7 @@ class MechanisticProbes(Callback):
         """Sample the first SampleGenerations' questions under the intervention, judge, write (collective)."""
         source = next(cb for cb in trainer.callbacks if isinstance(cb, SampleGenerations))
         judge = next(cb for cb in trainer.callbacks if isinstance(cb, InLoopJudge))
-        names = judge_prompt_names(source.questions, judge.judge_prompts)
-        judges = prepare_judges({"*": judge.judge, **judge.judges}, names)
+        judges = judge.resolved  # built once at setup: its cache and API-key check included
         layers = self.steer["layers"] or default_layers(model, self.direction)
         records = steered_records(model, tokenizer, source.questions, source.sampling, step, self.direction,
                                   self.steer["alphas"], layers, self.steer["mode"], self.steer["source_layer"],

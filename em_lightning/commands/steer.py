@@ -109,10 +109,9 @@ def _judges(args, questions):
 
 
 def _load(args, workdir: Path):
-    ckpt = args.ckpt
+    # The step's checkpoint when there is one (any adapter rank); else the trajectory rebuilds a rank-1 step.
     step_ckpt = args.run / "checkpoints" / f"step_{args.step:07d}.ckpt"
-    if ckpt is None and not (args.run / "trajectory" / "meta.json").is_file() and step_ckpt.exists():
-        ckpt = step_ckpt
+    ckpt = args.ckpt or (step_ckpt if step_ckpt.exists() else None)
     source = argparse.Namespace(run=args.run, step=args.step, ckpt=ckpt, adapter=None, base=None)
     return load_model_for_eval(source, workdir)
 
