@@ -166,9 +166,10 @@ class ChatDataModule(pl.LightningDataModule):
         trainer = self.trainer
         return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
 
-    def batches_per_epoch(self) -> int:
-        """Training batches each rank runs per epoch (equal shards)."""
-        _, world = self._rank_world()
+    def batches_per_epoch(self, world_size: int | None = None) -> int:
+        """Training batches each rank runs per epoch (equal shards); ``world_size``: before the trainer is
+        attached (default: the attached trainer's)."""
+        world = world_size if world_size is not None else self._rank_world()[1]
         return -(-(-(-len(self.train_set) // world)) // self.batch_size)
 
     def train_dataloader(self) -> DataLoader:

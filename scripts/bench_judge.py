@@ -86,9 +86,7 @@ def run_httpx_loop(url: str, prompts: list[str]) -> tuple[float, list]:
     t0 = time.perf_counter()
     with httpx2.Client(timeout=30.0) as client:
         for p in prompts:
-            kwargs = judge.request_kwargs(p)
-            body = {**{k: v for k, v in kwargs.items() if k != "extra_body"}, **kwargs.get("extra_body", {})}
-            r = client.post(f"{url}/chat/completions", json=body)
+            r = client.post(f"{url}/chat/completions", json=judge.request_kwargs(p))  # the judge's own body
             r.raise_for_status()
             top = r.json()["choices"][0]["logprobs"]["content"][0]["top_logprobs"]
             scores.append(aggregate_score({e["token"].strip(): math.exp(e["logprob"]) for e in top}))

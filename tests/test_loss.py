@@ -156,7 +156,10 @@ def test_right_padded_lengths():
 
 class _Losses(pl.Callback):
     def __init__(self):
-        self.losses = []
+        self.losses, self.row_lengths_seen = [], set()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.row_lengths_seen.add("row_lengths" in batch)  # which path the step takes
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if (batch_idx + 1) % trainer.accumulate_grad_batches == 0:
@@ -175,6 +178,7 @@ def _fit(tmp_path, rows_file, padding_free):
                          enable_progress_bar=False, enable_model_summary=False, callbacks=[probe],
                          use_distributed_sampler=False)
     trainer.fit(model, data)
+    assert probe.row_lengths_seen == {padding_free}  # the padding-free path runs only when asked for
     return probe.losses, {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 

@@ -132,7 +132,7 @@ class EMFitCLI(LightningCLI):
         if (self.subcommand != "fit" or not isinstance(t.val_check_interval, int) or t.check_val_every_n_epoch is None
                 or t.limit_val_batches == 0 or t.limit_train_batches != 1.0):
             return
-        batches = -(-(-(-len(dm.train_set) // t.world_size)) // dm.batch_size)  # per rank, equal shards
+        batches = dm.batches_per_epoch(t.world_size)  # dm.trainer is not attached yet
         if t.val_check_interval > batches:
             raise ValueError(f"trainer.val_check_interval: {t.val_check_interval} is more than the {batches} training "
                              "batches of an epoch; lower it, or set trainer.check_val_every_n_epoch: null")
