@@ -48,6 +48,7 @@ bench: setup
 	$(OFFLINE) $(PY) scripts/bench_train.py
 	$(OFFLINE) OMP_NUM_THREADS=1 $(PY) scripts/bench_vs_trl.py --threads 1
 	$(OFFLINE) $(PY) scripts/bench_trajectory.py
+	$(OFFLINE) $(PY) scripts/bench_online_metrics.py
 	$(OFFLINE) $(PY) scripts/bench_eval_point.py
 	$(OFFLINE) $(PY) scripts/bench_sampler_ties.py
 	$(OFFLINE) $(PY) scripts/bench_judge.py

@@ -1,5 +1,5 @@
 """The trajectory metrics of each recorded point, computed as points arrive: the online form of
-``rotation.py`` (which it calls on the few vectors each metric needs) plus one ``TransitionDetector``
+``rotation.py`` (its row-wise cosine and angle, one call per metric for all modules) plus one ``TransitionDetector``
 per module. Pure and torch-only; ``state_dict``/``load_state_dict`` make a resumed run continue exactly.
 
 Per module ``m`` and point s (tags as AdapterTrajectory logs them, ``phase/m/...``):
@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from .detector import TransitionDetector, TransitionEvent
-from .rotation import cosine_to_lag, local_cosine_similarity, rotation_degrees
+from .rotation import pairwise_cosine, pairwise_rotation_degrees
 
 
 @dataclass
@@ -31,8 +31,16 @@ def _f64(x) -> Tensor:
     return torch.as_tensor(x).detach().reshape(-1).to("cpu", torch.float64)
 
 
-def _value(x: Tensor) -> float:
-    return float(x)
+def _stack(vectors: list[Tensor]) -> Tensor:
+    """The modules' vectors as rows of one tensor, zero-padded to one width where sizes differ (norms, dot
+    products and differences, so every rotation metric, are unchanged): one call per metric for all
+    modules, not one per module (a torch call costs more than its math at these sizes)."""
+    if len({v.numel() for v in vectors}) == 1:
+        return torch.stack(vectors)
+    out = torch.zeros(len(vectors), max(v.numel() for v in vectors), dtype=torch.float64)
+    for i, v in enumerate(vectors):
+        out[i, : v.numel()] = v
+    return out
 
 
 class OnlineTrajectory:
@@ -58,29 +66,41 @@ class OnlineTrajectory:
         self.window.append((step, {n: _f64(b) for n, (_, b) in vectors.items()}))
         window = list(self.window)
         out = PointMetrics({}, {})
-        for name, (a, _) in vectors.items():
-            p, a, b = f"phase/{name}/", _f64(a), window[-1][1][name]
-            out.now[p + "A_norm"], out.now[p + "B_norm"] = _value(a.norm()), _value(b.norm())
-            if previous and name in previous[-1][1]:
-                rot = _value(rotation_degrees(torch.stack([previous[-1][1][name], b]))[1])
-                self.cum_rotation[name] = self.cum_rotation.get(name, 0.0) + (0.0 if rot != rot else rot)
-                out.now[p + "B_rotation_deg"] = rot
-                out.now[p + "A_rotation_deg"] = _value(rotation_degrees(torch.stack([self.last_a[name], a]))[1])
-            out.now[p + "B_rotation_cum_deg"] = self.cum_rotation.setdefault(name, 0.0)
-            for j in sorted({1, *self.k_values}):
-                if len(previous) >= j:
-                    out.now[p + f"B_cos_lag{j}"] = _value(cosine_to_lag(torch.stack([previous[-j][1][name], b]), 1)[1])
-            for k in self.k_values:
-                if len(window) >= 2 * k + 1:
-                    (_, before), (centre_step, centre) = window[-1 - 2 * k], window[-1 - k]
-                    arms = torch.stack([before[name], centre[name], b])
-                    out.lagged.setdefault(centre_step, {})[p + f"B_local_cos_k{k}"] = _value(
-                        local_cosine_similarity(arms, 1)[1])
-            self.last_a[name] = a
-            detector = self.detectors.setdefault(name, TransitionDetector(**self.detector_args))
-            event = detector.update(step, b)
+        names, a_now = list(vectors), {n: _f64(a) for n, (a, _) in vectors.items()}
+        b_now = window[-1][1]
+        tags = {n: f"phase/{n}/" for n in names}
+        b_all = _stack([b_now[n] for n in names])
+        for n, an, bn in zip(names, _stack([a_now[n] for n in names]).norm(dim=1).tolist(), b_all.norm(dim=1).tolist()):
+            out.now[tags[n] + "A_norm"], out.now[tags[n] + "B_norm"] = an, bn
+        turned = [n for n in names if previous and n in previous[-1][1]]
+        if turned:  # rotation to the previous point
+            b_rot = pairwise_rotation_degrees(_stack([previous[-1][1][n] for n in turned]),
+                                              _stack([b_now[n] for n in turned])).tolist()
+            a_rot = pairwise_rotation_degrees(_stack([self.last_a[n] for n in turned]),
+                                              _stack([a_now[n] for n in turned])).tolist()
+            for n, br, ar in zip(turned, b_rot, a_rot):
+                self.cum_rotation[n] = self.cum_rotation.get(n, 0.0) + (0.0 if br != br else br)
+                out.now[tags[n] + "B_rotation_deg"], out.now[tags[n] + "A_rotation_deg"] = br, ar
+        for n in names:
+            out.now[tags[n] + "B_rotation_cum_deg"] = self.cum_rotation.setdefault(n, 0.0)
+        for j in sorted({1, *self.k_values}):
+            if len(previous) >= j:
+                cos = pairwise_cosine(_stack([previous[-j][1][n] for n in names]), b_all).tolist()
+                for n, c in zip(names, cos):
+                    out.now[tags[n] + f"B_cos_lag{j}"] = c
+        for k in self.k_values:
+            if len(window) >= 2 * k + 1:  # the point k back is now a centre: the local cosine contract there
+                (_, before), (centre_step, centre) = window[-1 - 2 * k], window[-1 - k]
+                c_all = _stack([centre[n] for n in names])
+                cos = pairwise_cosine(_stack([before[n] for n in names]) - c_all, b_all - c_all).tolist()
+                for n, c in zip(names, cos):
+                    out.lagged.setdefault(centre_step, {})[tags[n] + f"B_local_cos_k{k}"] = c
+        for n in names:
+            self.last_a[n] = a_now[n]
+            detector = self.detectors.setdefault(n, TransitionDetector(**self.detector_args))
+            event = detector.update(step, b_now[n])
             if event is not None:
-                out.events.append((name, event))
+                out.events.append((n, event))
         out.now = {k: v for k, v in out.now.items() if v == v}
         return out
 

@@ -26,6 +26,8 @@ __all__ = [
     "rotation_degrees",
     "cumulative_rotation_degrees",
     "norms",
+    "pairwise_cosine",
+    "pairwise_rotation_degrees",
 ]
 
 _F64 = torch.float64
@@ -105,14 +107,25 @@ def cosine_to_lag(vectors: Tensor, k: int) -> Tensor:
     return result.to(device, out_dtype)
 
 
+def pairwise_cosine(a: Tensor, b: Tensor) -> Tensor:
+    """Row-wise cos(a[i], b[i]) of two (n, d) tensors, float64 on the CPU; 0 where either row is zero."""
+    return _cosine(a.detach().to("cpu", _F64), b.detach().to("cpu", _F64))
+
+
+def pairwise_rotation_degrees(a: Tensor, b: Tensor) -> Tensor:
+    """Row-wise angle in degrees between the directions of a[i] and b[i], float64 on the CPU; NaN where
+    either row is zero."""
+    ua, a_ok = _unit(a.detach().to("cpu", _F64))
+    ub, b_ok = _unit(b.detach().to("cpu", _F64))
+    # 2*atan2(|ua-ub|, |ua+ub|) is accurate for tiny and near-180-degree angles, where acos is not.
+    angle = torch.rad2deg(2 * torch.atan2((ua - ub).norm(dim=-1), (ua + ub).norm(dim=-1)))
+    return torch.where(a_ok & b_ok, angle, torch.full_like(angle, math.nan))
+
+
 def _rotation_degrees64(x: Tensor) -> Tensor:
     result = _nan(x.shape[0])
     if x.shape[0] > 1:
-        ua, a_ok = _unit(x[:-1])
-        ub, b_ok = _unit(x[1:])
-        # 2*atan2(|ua-ub|, |ua+ub|) is accurate for tiny and near-180-degree angles, where acos is not.
-        angle = torch.rad2deg(2 * torch.atan2((ua - ub).norm(dim=-1), (ua + ub).norm(dim=-1)))
-        result[1:] = torch.where(a_ok & b_ok, angle, torch.full_like(angle, math.nan))
+        result[1:] = pairwise_rotation_degrees(x[:-1], x[1:])
     return result
 
 
