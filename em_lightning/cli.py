@@ -1,8 +1,10 @@
-"""``em-fit``: extra subcommands (report, eval) are dispatched first, so they start without importing
-Lightning; everything else goes to EMFitCLI (LightningCLI: fit, validate, ...)."""
+"""``em-fit``: one registry of subcommands (``SUBCOMMANDS``). ``em-fit --help`` lists it without importing
+anything heavy; each subcommand's module is imported only when it runs (``fit``/``validate`` then start
+LightningCLI, the others never import Lightning)."""
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import logging
 import os
@@ -10,19 +12,39 @@ import sys
 import warnings
 
 
-def _fail(message: str) -> None:
+def _fail(message: str, code: int = 1) -> None:
     print(f"em-fit: error: {message}", file=sys.stderr)
-    sys.exit(1)
+    sys.exit(code)
 
 
-# Subcommands that are not LightningCLI's: name -> "module:function(argv)"; imported only when used.
-EXTRA_SUBCOMMANDS = {
-    "report": "em_lightning.commands.report:main",
-    "eval": "em_lightning.commands.eval:main",
-    "export-step": "em_lightning.commands.export_step:main",
-    "data": "em_lightning.commands.data:main",
-    "steer": "em_lightning.commands.steer:main",
+# The subcommands, in the order `em-fit --help` lists them: name -> (module, one line for the listing).
+# A module runs as ``module.main(argv)`` with the arguments after the name; those in LIGHTNING_CLI are
+# LightningCLI's subcommands instead (EMFitCLI in that module). To add one: a module with main(argv) in
+# commands/ and a line here.
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "fit": ("em_lightning.commands.fit", "train (LightningCLI: --config, --print_config=comments, --ckpt_path last)"),
+    "validate": ("em_lightning.commands.fit", "val/loss of a config (or --ckpt_path) without training (LightningCLI)"),
+    "report": ("em_lightning.commands.report", "figures + report.md of a run directory, finished or running"),
+    "eval": ("em_lightning.commands.eval", "sample and judge a run's step, checkpoint or adapter (post hoc)"),
+    "export-step": ("em_lightning.commands.export_step", "the rank-1 adapter of any recorded step, PEFT format"),
+    "steer": ("em_lightning.commands.steer", "steer the base model with a run's misalignment direction, or ablate it"),
+    "direction": ("em_lightning.commands.direction", "compute a misalignment direction after training (for steer)"),
+    "data": ("em_lightning.commands.data", "list / fetch the published EM datasets and question files"),
+    "cache": ("em_lightning.commands.cache", "list / clean the converted-GGUF cache"),
 }
+LIGHTNING_CLI = ("fit", "validate")
+REFUSED = {  # LightningCLI's other subcommands: no test set or predict step in a fine-tuning run
+    "test": "em-fit has no test set: `em-fit validate` (val/loss) or `em-fit eval` (sampled, judged answers)",
+    "predict": "em-fit has no predict step: `em-fit eval` samples answers from a run's model",
+}
+
+
+def usage() -> str:
+    width = max(map(len, SUBCOMMANDS))
+    lines = ["usage: em-fit <subcommand> [options]      (em-fit <subcommand> --help: its options)", "",
+             "subcommands:"]
+    lines += [f"  {name:<{width}}  {about}" for name, (_, about) in SUBCOMMANDS.items()]
+    return "\n".join(lines)
 
 
 def quiet_known_noise() -> None:
@@ -44,15 +66,23 @@ def quiet_known_noise() -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help"):
+        print(usage(), file=sys.stdout if args else sys.stderr)
+        sys.exit(0 if args else 2)
+    name = args[0]
+    if name in REFUSED:
+        _fail(f"`em-fit {name}`: {REFUSED[name]}", code=2)
+    if name not in SUBCOMMANDS:
+        close = difflib.get_close_matches(name, SUBCOMMANDS, n=1)
+        _fail(f"unknown subcommand {name!r}{f' (did you mean {close[0]}?)' if close else ''}; em-fit --help lists them",
+              code=2)
     quiet_known_noise()
     try:
-        if args and args[0] in EXTRA_SUBCOMMANDS:
-            module, function = EXTRA_SUBCOMMANDS[args[0]].split(":")
-            getattr(importlib.import_module(module), function)(args[1:])
+        module = importlib.import_module(SUBCOMMANDS[name][0])
+        if name not in LIGHTNING_CLI:
+            module.main(args[1:])
             return
-        from em_lightning.commands.fit import EMFitCLI
-
-        EMFitCLI(args=argv)  # None: LightningCLI reads sys.argv itself
+        module.EMFitCLI(args=args)
     except (ValueError, FileNotFoundError) as e:
         if os.environ.get("EM_DEBUG"):
             raise
