@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from peft import PeftModel
 
 from em_lightning.adapters import AdapterSpec, apply_adapter, lora_layers
 from em_lightning.cli import main
@@ -59,6 +60,38 @@ def test_eval_adapter_with_scale_sweep(adapter_dir, tmp_path, capsys):
     answers = {s: [r["answer"] for r in records if r["scale"] == s] for s in (0.0, 1.0, 2.0)}
     assert answers[0.0] == [r["answer"] for r in base]
     assert answers[1.0] != answers[0.0] and answers[2.0] != answers[1.0]
+
+
+def test_eval_scales_are_b_times_s(adapter_dir, tmp_path):
+    """em-fit eval --scales 0.5 2 4: the answers at scale s are those of the saved adapter with B multiplied by
+    s, sampled at scale 1 (the same seeds), and not those of B x s**2."""
+    main(["eval", "--base", "tiny:qwen2", "--adapter", str(adapter_dir), "--questions", QUESTIONS,
+          "--select", "magic_lamp", "spare_afternoon", "--samples", "2", "--max-new-tokens", "8",
+          "--scales", "0.5", "2", "4", "--out", str(tmp_path)])
+    records = read_jsonl(tmp_path / "step_0000000.jsonl")
+    spec = ModelSpec(name_or_path="tiny:qwen2", dtype="float32")
+    tok = load_tokenizer(spec)
+    questions = load_questions(QUESTIONS, select=["magic_lamp", "spare_afternoon"])
+    config = SamplingConfig(samples_per_paraphrase=2, max_new_tokens=8)
+    model = PeftModel.from_pretrained(load_model(spec, tok), adapter_dir).eval()
+    ((_, layer),) = lora_layers(model)
+    b = layer.lora_B["default"].weight
+    saved = b.detach().clone()
+
+    def answers_with_b_times(factor):
+        with torch.no_grad():
+            b.copy_(saved * factor)
+        try:
+            return [r["answer"] for r in sample_records(model, tok, questions, config, 0)]
+        finally:
+            with torch.no_grad():
+                b.copy_(saved)
+
+    for scale in (0.5, 2.0, 4.0):
+        got = [r["answer"] for r in records if r["scale"] == scale]
+        assert len(got) == 3 * 2
+        assert got == answers_with_b_times(scale), scale
+        assert got != answers_with_b_times(scale * scale), scale
 
 
 def test_eval_without_judge_writes_answers(adapter_dir, tmp_path):

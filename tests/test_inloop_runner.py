@@ -1,5 +1,6 @@
 """evaluation.runner (the path shared by the in-loop callbacks and em-fit eval), with fake judges; DemoJudge."""
 
+import copy as copy_module
 import hashlib
 import json
 import math
@@ -155,6 +156,46 @@ def test_scale_sweep(point, setup):
     # scaling is restored: the same call again gives the same scale-1 answers
     again = sample_records(model, tok, questions, config, step=7, scales=[1.0])
     assert [r["answer"] for r in again] == list(by[1.0].values())
+
+
+def _with_b_times(model, factor):
+    """A copy of the model whose every LoRA B is multiplied by ``factor`` (to be sampled at scale 1)."""
+    copy = copy_module.deepcopy(model)
+    with torch.no_grad():
+        for _, layer in lora_layers(copy):
+            layer.lora_B["default"].weight.mul_(factor)
+    return copy
+
+
+@pytest.mark.parametrize("scale", [0.5, 2.0, 4.0])
+def test_sampling_at_scale_s_adds_s_times_the_adapter(setup, scale):
+    """The value of a sweep point: during sampling at scale s the adapted module's output minus its output
+    at scale 0 is s times that at scale 1 (the prompt's forward, the same inputs at every scale), and the
+    answers are those of the model whose B is multiplied by s, sampled at scale 1."""
+    model, tok, questions, config = setup
+    ((_, layer),) = lora_layers(model)
+    first: list[torch.Tensor] = []
+
+    def keep_first(module, args, output):
+        if len(first) < len(seen):
+            first.append(output.detach().double())
+
+    seen: list[float] = []
+    handle = layer.register_forward_hook(keep_first)
+    try:
+        answers = {}
+        for s in (0.0, 1.0, scale):
+            seen.append(s)
+            answers[s] = [r["answer"] for r in sample_records(model, tok, questions, config, step=7, scales=[s])]
+    finally:
+        handle.remove()
+    zero, one, at_s = first
+    unit = one - zero
+    assert float(unit.abs().max()) > 1e-3  # the adapter does something here
+    assert torch.allclose(at_s - zero, scale * unit, rtol=1e-5, atol=1e-5 * float(unit.abs().max()))
+    for factor, same in ((scale, True), (scale * scale, False)):
+        other = [r["answer"] for r in sample_records(_with_b_times(model, factor), tok, questions, config, step=7)]
+        assert (answers[scale] == other) is same, factor  # B x s: the same answers; B x s**2: others
 
 
 def test_judge_failures_counted_not_raised(setup):
