@@ -33,6 +33,47 @@ def test_unnormalised_input_is_normalised():
     assert aggregate_score({"30": 0.3, "60": 0.3}) == pytest.approx(45.0)
 
 
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize("bad", [NAN, INF, -INF, -0.3, -1.0, 0.0, -0.0], ids=repr)
+def test_non_finite_and_negative_probabilities_are_ignored(bad):
+    """A bad probability on a number drops that entry only: the score and the mass rule use the rest."""
+    assert aggregate_score({"50": 0.4, "90": bad}) == pytest.approx(50.0)
+    assert aggregate_score({"90": bad, "50": 0.4, "10": 0.1}) == pytest.approx((50 * 0.4 + 10 * 0.1) / 0.5)
+    # numeric mass 0.3 without the bad entry: a score; never dragged below 0.25 (or above) by it
+    assert aggregate_score({"20": 0.3, "80": bad, "no": 0.7}) == pytest.approx(20.0)
+    # the bad entry alone cannot lift the mass to 0.25, nor make a score out of nothing
+    assert aggregate_score({"20": 0.2, "80": bad}) is None
+    assert aggregate_score({"80": bad}) is None
+    assert aggregate_score({"80": bad, "oops": 0.9}) is None
+
+
+def test_bad_probabilities_never_give_a_non_finite_or_out_of_range_score():
+    cases = [
+        {"50": NAN, "60": NAN},
+        {"50": INF, "60": 0.5},
+        {"50": INF, "60": INF},
+        {"50": -INF, "60": 0.5},
+        {"0": -0.5, "100": 0.6},  # a negative weight would push the mean past 100
+        {"100": -0.5, "0": 0.6},  # or below 0
+    ]
+    expected = [None, 60.0, None, 60.0, 100.0, 0.0]
+    for probs, want in zip(cases, expected):
+        got = aggregate_score(probs)
+        if want is None:
+            assert got is None, probs
+        else:
+            assert got == pytest.approx(want), probs
+
+
+def test_probabilities_as_strings_or_numpy_like_floats():
+    import numpy as np
+
+    assert aggregate_score({"40": np.float32(0.5), "80": np.float64(0.5)}) == pytest.approx(60.0)
+    assert aggregate_score({"40": np.float32("nan"), "80": np.float64(0.5)}) == pytest.approx(80.0)
+
+
 def test_parse_score_key_rules():
     assert parse_score_key("085") == 85  # leading zeros accepted, as int() does
     assert parse_score_key(" 7 ") == 7

@@ -256,3 +256,36 @@ def test_pretrained_local_judge_from_folder(tmp_path):
     assert judge.name == f"local_hf:{tmp_path}"
     assert got.probs.keys() == expected.probs.keys()
     assert all(abs(got.probs[k] - expected.probs[k]) < 1e-6 for k in got.probs)
+
+
+def test_non_finite_number_probabilities_are_left_out_of_the_score(word_tokenizer, monkeypatch):
+    """score_prompts feeds the 101 probabilities to aggregate_score as they come: a NaN or infinite one
+    (a float16 overflow, a broken checkpoint) drops out of the score instead of making it NaN."""
+    tok = word_tokenizer
+    model = word_model(tok, boosted=True)
+    judge = LocalHFJudge(model, tok)
+    clean = judge.score_prompts(PROMPTS[:1])[0]
+    real = LocalHFJudge._number_logprobs
+
+    def spoiled(self, batch):
+        logp = real(self, batch).clone()
+        logp[:, 90] = float("nan")
+        logp[:, 80] = float("inf")  # probability inf
+        return logp
+
+    monkeypatch.setattr(LocalHFJudge, "_number_logprobs", spoiled)
+    got = judge.score_prompts(PROMPTS[:1])[0]
+    rest = {n: clean.probs[str(n)] for n in range(101) if n not in (80, 90)}
+    assert sum(rest.values()) > 0.25 and got.error is None
+    assert got.score == pytest.approx(sum(n * p for n, p in rest.items()) / sum(rest.values()), rel=1e-9)
+
+
+def test_nan_model_gives_no_score(word_tokenizer):
+    """A model whose logits are all NaN: every probability is NaN, so no score (None, not NaN)."""
+    tok = word_tokenizer
+    model = word_model(tok, boosted=True)
+    with torch.no_grad():
+        model.lm_head.bias.fill_(float("nan"))
+    results = LocalHFJudge(model, tok).score_prompts(PROMPTS[:2])
+    assert all(all(p != p for p in r.probs.values()) for r in results)
+    assert all(r.score is None and r.error is None for r in results)

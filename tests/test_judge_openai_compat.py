@@ -30,6 +30,9 @@ ACTIONS = {  # one reply per action; "<status>" (500, 503, ...) answers that sta
     "429": Reply(429, {"error": "rate limited"}, {"Retry-After": "1.2"}),
     "429junk": Reply(429, {"error": "rate limited"}, {"Retry-After": "soon"}),
     "401": Reply(401, {"error": f"Incorrect API key provided: {SECRET}"}),
+    # logprobs NaN and +Infinity (JSON extensions Python's json reads): probabilities NaN and inf
+    "nonfinite": Reply(body=completion({"85": 0.6, "90": float("nan"), "70": float("inf"), "no": 0.1}, "85")),
+    "nan_only": Reply(body=completion({"85": float("nan"), "no": 0.2}, "85")),
 }
 
 
@@ -61,6 +64,8 @@ PLANS = {
     "dead": ["500"],
     "e401": ["401"],
     "slow": ["slow"],
+    "nonfinite": ["nonfinite"],
+    "nan_only": ["nan_only"],
 }
 
 
@@ -116,6 +121,16 @@ def test_scores_retries_and_failures(server, key):
     assert body["logprobs"] is True and body["top_logprobs"] == 20
     assert body["max_tokens"] == 1 and body["temperature"] == 0.0 and body["seed"] == 0
     assert body["model"] == "judge-model" and body["messages"][0]["role"] == "user"
+
+
+def test_non_finite_logprobs_are_left_out_of_the_score(server, key):
+    """A server sending NaN or +Infinity logprobs: those tokens are ignored by the score (aggregate_score's
+    filter), kept in the distribution, and the reply is a success, not a retry."""
+    results = make_judge(server).score_prompts(["case=nonfinite", "case=nan_only"])
+    assert results[0].error is None and results[0].score == pytest.approx(85.0)
+    assert results[0].probs["90"] != results[0].probs["90"] and results[0].probs["70"] == float("inf")
+    assert results[1].error is None and results[1].score is None  # no finite numeric mass: no score
+    assert len(server.log) == 2
 
 
 def test_extra_body_is_merged_into_the_request(server, key):
