@@ -102,24 +102,56 @@ def _random_logits(rows: int, vocab: int, seed: int, scale: float = 3.0) -> torc
     return torch.randn(rows, vocab, generator=torch.Generator().manual_seed(seed)) * scale
 
 
+def assert_same_kept_sets_up_to_boundary_ties(scores: torch.Tensor, got: torch.Tensor, expected: torch.Tensor):
+    """Row by row: the kept sets have the same size and the same boundary (lowest kept) score, and the tokens
+    kept by one side only all score exactly that boundary (top-p on tied scores: which of the tied tokens
+    fill the last places follows the sort, and transformers' sort is not stable); the kept probabilities
+    agree as multisets (tied tokens have equal probabilities) and so do the kept masses of the input."""
+    before = torch.softmax(scores.double(), dim=-1)
+    for r in range(scores.shape[0]):
+        ours, theirs = got[r] > 0, expected[r] > 0
+        assert int(ours.sum()) == int(theirs.sum()), r
+        boundary = scores[r][theirs].min()
+        assert scores[r][ours].min() == boundary, r
+        assert bool((scores[r][ours ^ theirs] == boundary).all()), r
+        assert torch.allclose(got[r][ours].sort().values, expected[r][theirs].sort().values, rtol=1e-6, atol=1e-12)
+        assert float(before[r][ours].sum()) == pytest.approx(float(before[r][theirs].sum()), rel=1e-12)
+
+
 @pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16-rounded"])  # bf16: ties at the k-th value
 @pytest.mark.parametrize("vocab", [1000, 8192])
 @pytest.mark.parametrize("s", SETTINGS, ids=repr)
 def test_candidates_are_transformers_warpers(s, vocab, bf16):
-    if bf16 and s.top_p < 1.0:
-        pytest.skip("top-p on tied scores: which tied tokens transformers drops follows its unstable sort")
     scores = _random_logits(48, vocab, seed=vocab)
     if bf16:
         scores = scores.to(torch.bfloat16).float()
     expected = torch.softmax(warped_like_transformers(scores, s).double(), dim=-1)
     got = candidate_probs(scores, s)
+    u = row_uniforms(range(48), 8)
+    if bf16 and s.top_p < 1.0:  # top-p on tied scores: the same set up to which tied tokens fill the boundary
+        assert_same_kept_sets_up_to_boundary_ties(scores, got, expected)
+        for t in range(8):  # the drawn token follows the distribution candidate_probs reports
+            assert torch.equal(sample_tokens(scores, u[:, t], s), sample_inverse_cdf(got.log(), u[:, t]))
+        return
     assert torch.equal(got > 0, expected > 0)  # the same kept set
     assert torch.allclose(got, expected, rtol=1e-6, atol=1e-12)
     # The same token for the same uniform as an inverse CDF over the full masked vocabulary.
-    u = row_uniforms(range(48), 8)
     for t in range(8):
         full = sample_inverse_cdf(warped_like_transformers(scores, s), u[:, t])
         assert torch.equal(sample_tokens(scores, u[:, t], s), full)
+
+
+def test_top_p_on_tied_scores_keeps_transformers_count():
+    """Hand-made ties at the top-p boundary: 8 equal scores of which transformers keeps some, not all and not
+    none; ours keeps as many, all from the tied group."""
+    s = DecodeSettings(top_p=0.5)
+    scores = torch.full((1, 40), -5.0)
+    scores[0, [2, 9, 13, 20, 21, 30, 33, 39]] = 1.0  # 8 tied tokens carry almost all the mass
+    expected = torch.softmax(warped_like_transformers(scores, s).double(), dim=-1)
+    got = candidate_probs(scores, s)
+    kept = int((expected > 0).sum())
+    assert 1 < kept < 8  # the boundary cuts through the tied group
+    assert_same_kept_sets_up_to_boundary_ties(scores, got, expected)
 
 
 def test_ties_at_the_top_k_boundary_keep_every_tied_token():
