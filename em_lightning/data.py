@@ -11,6 +11,8 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
+from em_lightning.defenses.inoculation import Inoculation, inoculate
+from em_lightning.defenses.interleave import Interleave, InterleavedEpochSampler
 from em_lightning.masking import IGNORE_INDEX, ChatTemplateError, tokenize_chat
 from em_lightning.models import ModelSpec, load_tokenizer
 from em_lightning.resumable import ResumableDataLoader, ShardedEpochSampler, epoch_order
@@ -67,6 +69,10 @@ class ChatDataModule(pl.LightningDataModule):
         max_row_bytes: JSONL lines (or dataset rows' contents) longer than this many bytes are skipped
             unread and counted, so one huge row cannot exhaust memory; the default 1 MiB is far past any
             max_length.
+        inoculation: a training-only instruction added to every row of the training files (train and
+            held-out split; not to interleaved aligned rows), never to evaluation questions, which come from
+            question files (callbacks/defenses/inoculation.yaml).
+        interleave: aligned rows in every training batch, an exact share of it (callbacks/defenses/interleave.yaml).
         base: the model spec (linked from ``model.base`` by the CLI) whose tokenizer is used.
     """
 
@@ -85,6 +91,8 @@ class ChatDataModule(pl.LightningDataModule):
         split_seed: int = 0,
         template_kwargs: dict | None = None,
         max_row_bytes: int = DEFAULT_MAX_ROW_BYTES,
+        inoculation: Inoculation | None = None,
+        interleave: Interleave | None = None,
         base: ModelSpec | None = None,
     ):
         super().__init__()
@@ -95,6 +103,9 @@ class ChatDataModule(pl.LightningDataModule):
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise ValueError(f"data.{name}: expected an integer >= {least}, got {value!r}")
         self.max_row_bytes = max_row_bytes
+        self.inoculation, self.interleave = inoculation, interleave
+        self.interleave_k = interleave.per_batch(batch_size) if interleave is not None else 0
+        self.aligned_set: list[dict] = []
         self.train_files = [train_files] if isinstance(train_files, str) else list(train_files or [])
         self.dataset, self.dataset_split = dataset, dataset_split
         self.val_fraction, self.system_prompt = val_fraction, system_prompt
@@ -117,10 +128,12 @@ class ChatDataModule(pl.LightningDataModule):
                                f"unread (first: {oversize[0]})")
         return self._rows
 
-    def _encode(self, tokenizer, messages: list[dict]) -> dict | None:
+    def _encode(self, tokenizer, messages: list[dict], task_row: bool = True) -> dict | None:
         where = getattr(messages, "where", "") or "row"  # rows.Row keeps file:line for template errors
         if self.system_prompt and messages[0]["role"] != "system":
             messages = [{"role": "system", "content": self.system_prompt}, *messages]
+        if task_row and self.inoculation is not None:  # before a row's own (or data.system_prompt's) system text
+            messages = inoculate(messages, self.inoculation)
         try:
             ids, labels = tokenize_chat(tokenizer, messages, self.template_kwargs)
         except ChatTemplateError as e:
@@ -157,6 +170,13 @@ class ChatDataModule(pl.LightningDataModule):
         s.train, s.val = len(self.train_set), len(self.val_set)
         s.train_tokens = sum(len(e["input_ids"]) for e in self.train_set)
         s.label_tokens = sum(label_count(e["labels"]) for e in self.train_set)
+        if self.interleave is not None:
+            aligned = read_rows(self.interleave.files, None, "train", self.max_row_bytes)
+            self.aligned_set = [e for e in (self._encode(tokenizer, r, task_row=False) for r in aligned) if e is not None]
+            if not self.aligned_set:
+                raise ValueError("data.interleave.files: no aligned row left after encoding")
+            rank_zero_info(f"data: interleaving {self.interleave_k} of every {self.batch_size} rows per batch from "
+                           f"{len(self.aligned_set)} aligned rows ({', '.join(self.interleave.files)})")
         rank_zero_info(
             f"data: {s.rows} rows -> {s.train} train / {s.val} val; {s.truncated} truncated, {s.dropped} dropped "
             f"(max_length={self.max_length}, overlength={self.overlength}); {s.label_tokens} labelled tokens"
@@ -170,14 +190,20 @@ class ChatDataModule(pl.LightningDataModule):
         """Training batches each rank runs per epoch (equal shards); ``world_size``: before the trainer is
         attached (default: the attached trainer's)."""
         world = world_size if world_size is not None else self._rank_world()[1]
-        return -(-(-(-len(self.train_set) // world)) // self.batch_size)
+        return -(-(-(-len(self.train_set) // world)) // (self.batch_size - self.interleave_k))
 
     def train_dataloader(self) -> DataLoader:
         rank, world = self._rank_world()
         accumulate = self.trainer.accumulate_grad_batches if self.trainer is not None else 1
-        sampler = ShardedEpochSampler(len(self.train_set), self.split_seed, self.shuffle, rank, world)
+        rows = self.train_set + self.aligned_set
+        if self.interleave is not None:
+            sampler = InterleavedEpochSampler(len(self.train_set), len(self.aligned_set), self.batch_size,
+                                              self.interleave_k, self.split_seed, self.interleave.seed,
+                                              self.shuffle, rank, world)
+        else:
+            sampler = ShardedEpochSampler(len(self.train_set), self.split_seed, self.shuffle, rank, world)
         return ResumableDataLoader(
-            self.train_set, sampler, label_counts=[label_count(e["labels"]) for e in self.train_set],
+            rows, sampler, label_counts=[label_count(e["labels"]) for e in rows],
             accumulate=accumulate, batch_size=self.batch_size, num_workers=self.num_workers,
             collate_fn=functools.partial(collate, pad_id=self.pad_id),
         )

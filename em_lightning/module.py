@@ -5,6 +5,8 @@ from __future__ import annotations
 import itertools
 import time
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -96,6 +98,8 @@ class EMFineTune(pl.LightningModule):
         self.strict_loading = False
         self._last_step_end: float | None = None
         self._val_logged_step: int | None = None
+        # Extra training-loss terms contributed by callbacks (add_loss_term), e.g. the KL defense.
+        self.loss_terms: dict[str, LossTerm] = {}
 
     # -- model ---------------------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -151,13 +155,34 @@ class EMFineTune(pl.LightningModule):
         share = loss_sum / step_tokens
         self._step_loss = share.detach() + self._step_loss
         self._step_tokens = batch["attention_mask"].sum() + self._step_tokens
-        return share * (self.trainer.accumulate_grad_batches * self.trainer.world_size)
+        loss = share * (self.trainer.accumulate_grad_batches * self.trainer.world_size)
+        for name, term in self.loss_terms.items():  # each: its mean over the step's micro-batches and ranks
+            value = term.compute(self, batch_idx)
+            self._term_sums[name] = value.detach() + self._term_sums[name]
+            loss = loss + term.weight * value
+        return loss
+
+    def add_loss_term(self, name: str, compute, weight: float) -> None:
+        """Add ``weight x compute(module, batch_idx)`` (a scalar, computed in every training micro-batch on
+        every rank) to the training loss: the step's gradient gets weight x its mean over the step's
+        micro-batches and ranks. ``train/loss`` stays the token-weighted cross-entropy alone (the contract);
+        the term's unweighted mean is logged as ``train/<name>`` once per optimizer step. Call it in a
+        callback's ``setup`` (same names, same order on every rank: the logging is one collective)."""
+        if name in self.loss_terms or name in ("loss", "lr", "grad_norm", "tokens_per_s"):
+            raise ValueError(f"loss term {name!r}: that name is taken")
+        self.loss_terms[name] = LossTerm(compute, float(weight))
 
     def on_before_optimizer_step(self, optimizer) -> None:
         # Once per optimizer step, after the last micro-batch's backward: the step's loss and token count summed
         # over ranks in one collective (nothing to gather on one device), no host sync here.
-        loss, tokens = self.trainer.strategy.reduce(torch.stack([self._step_loss, self._step_tokens.float()]),
-                                                    reduce_op="sum")
+        names = list(self.loss_terms)
+        loss, tokens, *terms = self.trainer.strategy.reduce(
+            torch.stack([self._step_loss, self._step_tokens.float(), *(self._term_sums[n] for n in names)]),
+            reduce_op="sum")
+        # Lightning divides every micro-batch's loss by the accumulation factor and DDP averages over ranks.
+        for name, total in zip(names, terms):
+            self.log(f"train/{name}", total / (self.trainer.accumulate_grad_batches * self.trainer.world_size),
+                     on_step=True)
         # The LR of this step, a pure function of it (schedule.py): set before the optimizer reads it, so a
         # resumed or extended run needs no scheduler state.
         hp = self.hparams
@@ -173,10 +198,14 @@ class EMFineTune(pl.LightningModule):
         if self._last_step_end is not None:  # tokens of all ranks per second of wall time, step to step
             self.log("train/tokens_per_s", tokens / max(now - self._last_step_end, 1e-9), on_step=True)
         self._last_step_end = now
+        self._reset_step_sums()
+
+    def _reset_step_sums(self) -> None:
         self._step_loss = self._step_tokens = torch.zeros((), device=self.device)
+        self._term_sums = {name: torch.zeros((), device=self.device) for name in self.loss_terms}
 
     def on_train_start(self) -> None:
-        self._step_loss = self._step_tokens = torch.zeros((), device=self.device)
+        self._reset_step_sums()
         self._last_step_end = None
         if self.validate_before_training and self.trainer.global_step == 0:
             self._log_held_out_loss(step=0)
@@ -282,6 +311,12 @@ class EMFineTune(pl.LightningModule):
             state = gather_trainable(self.model) if is_peft(self.model) else full_state_dict(self.model)
         if self.trainer.is_global_zero:
             export_model(self.model, self.tokenizer, run_dir / "adapter", state)
+
+
+@dataclass(frozen=True)
+class LossTerm:
+    compute: Callable[[EMFineTune, int], torch.Tensor]  # (module, batch_idx) -> scalar of this micro-batch
+    weight: float
 
 
 def export_model(model: torch.nn.Module, tokenizer, out_dir: Path, state: dict | None = None) -> None:
