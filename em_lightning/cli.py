@@ -30,7 +30,9 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "steer": ("em_lightning.commands.steer", "steer the base model with a run's misalignment direction, or ablate it"),
     "direction": ("em_lightning.commands.direction", "compute a misalignment direction after training (for steer)"),
     "data": ("em_lightning.commands.data", "list / fetch the published EM datasets and question files"),
+    "judge": ("em_lightning.commands.judge", "calibrate a judge against the published GPT-4o scores (judge calibrate)"),
     "cache": ("em_lightning.commands.cache", "list / clean the converted-GGUF cache"),
+    "sweep": ("em_lightning.commands.sweep", "a grid of runs (seeds x settings), here or as a SLURM array; `sweep report`: 95% intervals"),
 }
 LIGHTNING_CLI = ("fit", "validate")
 REFUSED = {  # LightningCLI's other subcommands: no test set or predict step in a fine-tuning run
