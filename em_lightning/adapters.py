@@ -86,7 +86,34 @@ def apply_adapter(model: torch.nn.Module, spec: AdapterSpec) -> torch.nn.Module:
     bad = [i for i in spec.layers or [] if not 0 <= i < n_layers]
     if bad:
         raise ValueError(f"model.adapter.layers: {bad} out of range for a model with {n_layers} layers")
+    if not isinstance(spec.target_modules, str):
+        check_target_modules(model, spec.target_modules, towers)
     return get_peft_model(model, spec.lora_config(exclude=towers))
+
+
+# Module types LoRA adapts (PEFT's own check fails with the module's whole repr as its message).
+_ADAPTABLE = (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
+
+
+def check_target_modules(model: torch.nn.Module, names: list[str], exclude: list[str] = ()) -> None:
+    """One line per run, before PEFT sees them: each name must match (as PEFT does: the whole module name or
+    its last dotted parts) at least one linear (or embedding/conv) module outside ``exclude``."""
+    modules = [(n, m) for n, m in model.named_modules()
+               if n and not any(n == e or n.startswith(e + ".") for e in exclude)]
+    linear = list(dict.fromkeys(n.rsplit(".", 1)[-1] for n, m in modules
+                                if isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D"))
+    here = f"linear layers here: {', '.join(linear)}"
+    for target in names:
+        found = [m for n, m in modules if n == target or n.endswith("." + target)]
+        if not found:
+            raise ValueError(f"model.adapter.target_modules: {target!r} matches no module of the model; {here}")
+        if not any(_adaptable(m) for m in found):
+            kind = type(found[0]).__name__
+            raise ValueError(f"model.adapter.target_modules: {target!r} is a {kind}, not a linear layer; {here}")
+
+
+def _adaptable(module: torch.nn.Module) -> bool:
+    return isinstance(module, _ADAPTABLE) or type(module).__name__ == "Conv1D"  # GPT-2's transposed linear
 
 
 def lora_layers(model: torch.nn.Module) -> Iterator[tuple[str, LoraLayer]]:

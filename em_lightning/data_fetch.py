@@ -77,8 +77,10 @@ def remove_empty(created: list[Path]) -> None:
             return
 
 
-def download(url: str, dest_dir: Path, label: str) -> Path:
-    """Stream ``url`` into a temporary file in ``dest_dir``; the caller renames or deletes it."""
+def download(url: str, dest_dir: Path, label: str, max_bytes: int | None = None) -> Path:
+    """Stream ``url`` into a temporary file in ``dest_dir``; the caller renames or deletes it. ``max_bytes``
+    (the registry's size): reading stops at that size + 1 byte, so a mirror that sends more (a wrong file,
+    an endless stream) never fills the data folder."""
     fd, tmp_name = tempfile.mkstemp(dir=dest_dir, prefix=".download-", suffix=".part")
     tmp = Path(tmp_name)
     try:
@@ -87,10 +89,13 @@ def download(url: str, dest_dir: Path, label: str) -> Path:
             total = response.length  # Content-Length, or None
             got = 0
             with tqdm(total=total, unit="B", unit_scale=True, desc=label, disable=None, leave=False) as bar:
-                while chunk := response.read(CHUNK):
+                while chunk := response.read(CHUNK if max_bytes is None else min(CHUNK, max_bytes + 1 - got)):
                     out.write(chunk)
                     got += len(chunk)
                     bar.update(len(chunk))
+                    if max_bytes is not None and got > max_bytes:
+                        raise FetchError(f"{label}: download stopped: {url} sends more than the registry's "
+                                         f"{max_bytes} bytes (not the pinned file); nothing written")
             # http.client returns EOF, not an error, when the server closes before Content-Length
             if total is not None and got < total:
                 raise FetchError(f"{label}: download interrupted: {url}: got {got} of {total} bytes")
@@ -104,7 +109,7 @@ def download(url: str, dest_dir: Path, label: str) -> Path:
     except (http.client.HTTPException, OSError) as e:
         tmp.unlink(missing_ok=True)
         raise FetchError(f"{label}: download interrupted: {url}: {type(e).__name__}: {e}") from None
-    except BaseException:
+    except BaseException:  # FetchError (too big) included
         tmp.unlink(missing_ok=True)
         raise
 
@@ -131,7 +136,7 @@ def fetch_file(entry: DataFile, data_dir: Path, url_base: str | None = None) -> 
     created = make_dirs(dest.parent)
     tmp = None
     try:
-        tmp = download(url, dest.parent, entry.name)
+        tmp = download(url, dest.parent, entry.name, entry.size)
         problem = mismatch(entry, tmp)
         if problem:
             raise FetchError(f"{entry.name}: checksum mismatch for {url}: {problem}; nothing written")
@@ -202,7 +207,7 @@ def fetch_archive(
     url = f"{base_url(url_base)}/{entry.url_path}"
     created = make_dirs(data_dir)
     try:
-        tmp = download(url, data_dir, entry.name)
+        tmp = download(url, data_dir, entry.name, entry.size)
     except BaseException:
         remove_empty(created)
         raise

@@ -95,7 +95,12 @@ class _Reader:
         return ValueError(f"{self.path}:{line}: {fld}: {expected}")
 
     def value(self, node: yaml.Node) -> Any:
-        return self.loader.construct_object(node, deep=True)
+        try:
+            return self.loader.construct_object(node, deep=True)
+        except yaml.constructor.ConstructorError as e:  # e.g. a !!python/... tag: never built, one line
+            mark = e.problem_mark or e.context_mark or node.start_mark
+            raise self.error(mark.line + 1, "yaml", f"{e.problem} (a question file holds plain YAML: strings, "
+                             "lists and mappings)") from None
 
     def items(self) -> list[yaml.Node]:
         if self.root is None:

@@ -36,6 +36,7 @@ from em_lightning.models import ModelSpec, load_model, load_tokenizer
 from em_lightning.module import EMFineTune
 from em_lightning.phase.reconstruct import export_step_adapter
 from em_lightning.questions import load_questions
+from em_lightning.run_outputs import refuse_run_record
 from em_lightning.tiny import TinySpec
 
 
@@ -61,6 +62,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--judge-config", type=Path, help="YAML: InLoopJudge init args ({judge: {class_path, "
                    "init_args}, ...}) or a callbacks preset holding an InLoopJudge; none: answers only")
     p.add_argument("--out", type=Path, help="output folder (default: <run>/posthoc, else eval_out)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="allow --out inside a run's own generations/, adapter/, trajectory/ or checkpoints/")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return p
 
@@ -151,6 +154,7 @@ def main(argv: list[str]) -> None:
         max_new_tokens=args.max_new_tokens, seed=args.seed, batch_size=args.batch_size,
     )
     out = args.out or (args.run / "posthoc" if args.run else Path("eval_out"))
+    refuse_run_record(out, "--out", args.overwrite)
     judges, names = (None, None)
     if args.judge_config:
         config = load_judge_config(args.judge_config)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from em_lightning.phase.reconstruct import export_step_adapter
+from em_lightning.run_outputs import refuse_run_record
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -13,5 +14,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("run_dir", help="run directory (or its trajectory/ folder)")
     parser.add_argument("step", type=int, help="a recorded global step")
     parser.add_argument("out_dir", help="folder to write the PEFT adapter to")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="allow OUT_DIR inside a run's own adapter/, generations/, trajectory/ or checkpoints/")
     args = parser.parse_args(argv)
+    refuse_run_record(args.out_dir, "OUT_DIR", args.overwrite)
     print(export_step_adapter(args.run_dir, args.step, args.out_dir))
