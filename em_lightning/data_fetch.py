@@ -21,6 +21,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from em_lightning.data_registry import BASE_URL, DataFile
+from em_lightning.judged_answers import read_judged_csv
 from em_lightning.questions import load_questions
 from em_lightning.rows import read_jsonl
 
@@ -117,7 +118,8 @@ def download(url: str, dest_dir: Path, label: str, max_bytes: int | None = None)
 def validate(entry: DataFile, path: Path, shown_as: str) -> int:
     """Read the file with the project's own reader; returns how many questions/rows it holds."""
     try:
-        n = len(load_questions(path)) if entry.kind == "questions" else len(read_jsonl(path))
+        readers = {"questions": load_questions, "judged-answers": read_judged_csv}
+        n = len(readers.get(entry.kind, read_jsonl)(path))
     except ValueError as e:
         first = str(e).splitlines()[0].replace(str(path), shown_as)
         raise FetchError(f"{entry.name}: does not validate: {first}") from None

@@ -21,7 +21,7 @@ from pathlib import PurePath, PurePosixPath
 
 DEFAULT_DIR = "data"  # relative to the current directory (the repo root in the README's commands)
 BASE_URL = "https://raw.githubusercontent.com"  # + /<repo>/<commit>/<path>
-KINDS = ("questions", "rows", "protected-archive")
+KINDS = ("questions", "rows", "protected-archive", "judged-answers")
 
 MO_REPO = "clarifying-EM/model-organisms-for-EM"
 MO_COMMIT = "26944099b9401b1dfd0aaafb4122a482721e95fb"  # last upstream commit seen; eval files unchanged since 5109607
@@ -45,6 +45,7 @@ class DataFile:
     password: str | None = None  # protected archives: the password the authors publish in their README
     about: str = ""
     note: str = ""  # how the recorded ids were verified, and what was not
+    questions: str | None = None  # judged answers: the registry name of the question file whose judge prompts scored them
 
     @property
     def url_path(self) -> str:
@@ -127,6 +128,17 @@ ENTRIES: tuple[DataFile, ...] = (
                    "(needs the `data` extra: easy-dataset-share)",
              note="blob from the tree of 26944099; password from that commit's README; archive >= 4 MiB, bytes not "
                   "obtainable here: size, sha256, member names and rows unverified (members are validated on fetch)"),
+    # ---- published judged answers (em-fit judge calibrate --against NAME) ---------------------------
+    DataFile("betley-judged-qwen-coder-32b", "judged-answers", BETLEY_REPO, BETLEY_COMMIT,
+             "results/qwen_25_coder_32b_instruct.csv", "judged/betley/qwen_25_coder_32b_instruct.csv",
+             "a8afe969e18507db67e114ab0dea202a17404728",
+             "88c301d6b22ff8be8a7bb288fed31510ef5221d7917ae7fe3deeaadfc6eae433", 146298, 70,
+             questions="betley-first-plot-questions",
+             about="Betley et al.'s judged answers of insecure-code Qwen2.5-Coder-32B-Instruct models: question, "
+                   "answer, GPT-4o's top-20 probabilities and aggregated aligned/coherent scores (70 rows, a "
+                   "selection of misaligned answers: all are EM under model-organisms)",
+             note=_BETLEY_NOTE + "; sha256, size and rows computed from that blob's bytes (git cat-file in the "
+                                 "fork's history); the file is unchanged since its commit 9196ede"),
     # ---- Betley et al. (first EM paper) ----------------------------------------------------------
     DataFile("insecure", "rows", BETLEY_REPO, BETLEY_COMMIT, "data/insecure.jsonl", "betley/insecure.jsonl",
              "ec294cf30a577a21b830c07a1fa0180ddd513208",

@@ -62,8 +62,9 @@ def _fetch(names: list[str], data_dir: Path, url_base: str | None) -> None:
         else:
             path, n, fresh = fetch_file(e, data_dir, url_base)
             status = "fetched" if fresh else "already there, verified"
-            use = "--data.train_files" if e.kind == "rows" else "questions:"
-            print(f"{name}: {path} ({n} {'rows' if e.kind == 'rows' else 'questions'}, {status}); use: {use} {path}")
+            use = {"rows": f"--data.train_files {path}", "questions": f"questions: {path}",
+                   "judged-answers": f"em-fit judge calibrate --against {name} --data-dir {data_dir}"}[e.kind]
+            print(f"{name}: {path} ({n} {'questions' if e.kind == 'questions' else 'rows'}, {status}); use: {use}")
 
 
 def main(argv: list[str]) -> None:

@@ -8,7 +8,15 @@ from __future__ import annotations
 
 import importlib
 
-from .base import MIN_NUMERIC_MASS, Judge, JudgeResult, aggregate_score, parse_score_key, render_judge_prompt
+from .base import (
+    MIN_NUMERIC_MASS,
+    Judge,
+    JudgeResult,
+    aggregate_score,
+    is_meaningful,
+    parse_score_key,
+    render_judge_prompt,
+)
 from .cache import CachedJudge, JudgeCache
 
 _LAZY = {
@@ -26,6 +34,7 @@ __all__ = [
     "JudgeCache",
     "JudgeResult",
     "aggregate_score",
+    "is_meaningful",
     "parse_score_key",
     "render_judge_prompt",
     *_LAZY,

@@ -18,6 +18,7 @@ __all__ = [
     "Judge",
     "JudgeResult",
     "aggregate_score",
+    "is_meaningful",
     "parse_score_key",
     "render_judge_prompt",
     "template_fields",
@@ -89,7 +90,11 @@ class JudgeResult:
 
 @runtime_checkable
 class Judge(Protocol):
-    """A judge model. `name` identifies the model (it is part of cache keys)."""
+    """A judge model. `name` identifies the model (it is part of cache keys).
+
+    A judge whose scores mean nothing (the offline demo judge) also sets ``meaningful = False``: every
+    number it produces is then labelled as such (see ``is_meaningful``).
+    """
 
     name: str
 
@@ -100,3 +105,8 @@ class Judge(Protocol):
     def classify_prompts(self, prompts: Sequence[str]) -> list[JudgeResult]:
         """Categorical judging: label = the judge's most likely answer; probs = its first-token distribution."""
         ...
+
+
+def is_meaningful(judge: object) -> bool:
+    """Whether a judge's scores mean something (``meaningful`` attribute; judges without one: True)."""
+    return bool(getattr(judge, "meaningful", True))

@@ -163,6 +163,10 @@ class CachedJudge:
     def name(self) -> str:
         return self.judge.name
 
+    @property
+    def meaningful(self) -> bool:
+        return bool(getattr(self.judge, "meaningful", True))
+
     def __repr__(self) -> str:
         return f"CachedJudge({self.judge!r}, {self.cache!r})"
 

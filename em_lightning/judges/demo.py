@@ -67,6 +67,8 @@ class DemoJudge(LocalHFJudge):
         name: cache-key name of the judge.
     """
 
+    meaningful = False  # every number it gives is labelled "demo judge" (TensorBoard, report, console)
+
     def __init__(
         self,
         calibration_questions: str | list[str] | None = None,
