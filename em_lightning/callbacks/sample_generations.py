@@ -162,6 +162,10 @@ class SampleGenerations(Callback):
         with context:
             records = sample_records(model, tokenizer, self.questions, self.sampling, step, self.scales, synced)
         settings = {**self.sampling.resolve(model, tokenizer), "scales": self.scales}
+        inoculation = getattr(trainer.datamodule, "inoculation", None)
+        if inoculation is not None:  # the training-only prompt (data.inoculation) and how many sampled prompts hold it
+            settings["inoculation"] = {"prompt": inoculation.prompt, "position": inoculation.position,
+                                       "prompts_containing_it": sum(inoculation.prompt in r["prompt"] for r in records)}
         if self.write and trainer.is_global_zero and self.run_dir is not None:
             meta = point_meta(EvalPoint(step, records, settings))
             write_point(self.run_dir / "generations", step, records, meta)
