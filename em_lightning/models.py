@@ -33,7 +33,13 @@ class ModelSpec:
             'em-lightning[real]'``.
         gguf_file: name of the GGUF file inside the folder or hub repo ``name_or_path`` (transformers'
             spelling); not needed when ``name_or_path`` is the ``.gguf`` file itself.
-        dtype: weights dtype: ``auto`` (the checkpoint's), ``float32``, ``bfloat16`` or ``float16``.
+        dtype: dtype of the base weights: ``auto`` (default) is ``bfloat16`` where the hardware multiplies bf16
+            natively (``bf16_native()``: a CUDA GPU with bf16, a CPU with AMX or AVX512-BF16) and ``float32``
+            elsewhere; ``checkpoint`` keeps the checkpoint's own dtype; or ``float32``, ``bfloat16``,
+            ``float16``. Tiny random models (``tiny:<arch>``) are test fixtures: ``auto`` keeps them float32
+            (at 64 dimensions bf16 is slower, and the tests compare them to float tolerance); name
+            ``bfloat16`` to run one in bf16. An adapter's weights and the optimizer state stay float32
+            (PEFT upcasts adapter weights), and the loss is computed in float32 (loss.py).
         attn_implementation: e.g. ``sdpa``, ``eager``, ``flash_attention_2``; None lets transformers pick.
         quantization: ``4bit`` (QLoRA, nf4 by default) or ``8bit`` through bitsandbytes; None for none.
         bnb_4bit_quant_type: ``nf4`` or ``fp4``.
@@ -47,7 +53,7 @@ class ModelSpec:
 
     name_or_path: str = "tiny:qwen2"
     gguf_file: str | None = None
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    dtype: Literal["auto", "checkpoint", "float32", "bfloat16", "float16"] = "auto"
     attn_implementation: str | None = None
     quantization: Literal["4bit", "8bit"] | None = None
     bnb_4bit_quant_type: Literal["nf4", "fp4"] = "nf4"
@@ -66,6 +72,35 @@ class ModelSpec:
         if arch not in ARCHITECTURES:
             raise ValueError(f"model.name_or_path: unknown tiny architecture {arch!r}; expected one of {ARCHITECTURES}")
         return arch
+
+
+def bf16_native() -> bool:
+    """Whether this machine multiplies bf16 natively: a CUDA GPU that supports bf16, else a CPU with AMX or
+    AVX512-BF16 (oneDNN then runs bf16 matmuls 2-8x faster than fp32; without them bf16 is emulated, slower)."""
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    cpu = torch.cpu
+    checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")  # private but present since torch 2.3
+    return any(getattr(cpu, name, lambda: False)() for name in checks)
+
+
+def resolve_dtype(name: str | torch.dtype) -> torch.dtype | str:
+    """A ``dtype`` setting as ``from_pretrained`` takes it: ``auto`` -> bf16 where native (``bf16_native``) else
+    fp32; ``checkpoint`` -> ``"auto"`` (transformers' word for the checkpoint's dtype); else that dtype."""
+    if isinstance(name, torch.dtype):
+        return name
+    if name == "checkpoint":
+        return "auto"
+    if name == "auto":
+        return torch.bfloat16 if bf16_native() else torch.float32
+    return _DTYPES[name]
+
+
+def weights_dtype(spec: ModelSpec) -> torch.dtype | str:
+    """The dtype ``load_model`` gives the base weights; tiny random models stay fp32 unless one is named."""
+    if spec.tiny_arch is not None and spec.dtype in ("auto", "checkpoint"):
+        return torch.float32
+    return resolve_dtype(spec.dtype)
 
 
 def load_tokenizer(spec: ModelSpec) -> PreTrainedTokenizerBase:
@@ -137,11 +172,10 @@ def load_model(spec: ModelSpec, tokenizer: PreTrainedTokenizerBase | None = None
         if spec.quantization is not None:
             raise ValueError("model.quantization is not supported for tiny models")
         model = tiny_model(arch, spec.tiny, tokenizer if spec.tokenizer is None else None)
-        if spec.dtype not in ("auto", "float32"):
-            model = model.to(_DTYPES[spec.dtype])
+        model = model.to(weights_dtype(spec))
     else:
         kwargs = dict(
-            dtype="auto" if spec.dtype == "auto" else _DTYPES[spec.dtype],
+            dtype=weights_dtype(spec),
             revision=spec.revision,
             quantization_config=_quantization_config(spec),
         )

@@ -73,7 +73,7 @@ def test_probes_logged_at_step_resolution(run):
 def test_triples_direction_at_step_zero_equals_the_base_model(run):
     d = load_direction(direction_path(run, 0))
     assert d.layers == list(range(30)) and d.vectors[15].shape == (576,) and d.meta["source"] == "triples (3)"
-    spec = ModelSpec(name_or_path=SMOLLM2_GGUF, dtype="float32")
+    spec = ModelSpec(name_or_path=SMOLLM2_GGUF, dtype="auto")  # the recipe's dtype (bf16 where native)
     tokenizer = load_tokenizer(spec)
     triples = load_triples(run.parents[2] / "triples.jsonl")
     prompts = [render_prompt(tokenizer, t.question, t.system) for t in triples]

@@ -6,6 +6,7 @@ the tier at a few minutes on 2 cores (the session's GGUF cache: em_lightning_cac
 """
 
 import importlib.util
+import json
 import time
 from pathlib import Path
 
@@ -191,3 +192,80 @@ def test_export_step_reproduces_that_steps_logits(run, tokenizer, tmp_path):
     torch.testing.assert_close(step_logits, logits(from_ckpt, ids), rtol=0, atol=1e-5)
     final = with_adapter(tokenizer, run / "adapter")
     assert not torch.allclose(step_logits, logits(final, ids), atol=1e-3)  # step 4 is not the final adapter
+
+
+# -- bf16 (model.base.dtype auto picks it where the hardware has it, as on GPUs) ----------------------------
+BF16 = ModelSpec(name_or_path=SMOLLM2_GGUF, dtype="bfloat16")
+
+
+def test_recipe_runs_bf16_where_the_hardware_has_it(run):
+    import yaml
+
+    from em_lightning.models import bf16_native, weights_dtype
+
+    dtype = yaml.safe_load((run / "config.yaml").read_text())["model"]["base"]["dtype"]
+    assert dtype == "auto" and weights_dtype(ModelSpec(name_or_path=SMOLLM2_GGUF, dtype=dtype)) == (
+        torch.bfloat16 if bf16_native() else torch.float32)
+
+
+def test_bf16_greedy_chat_answer(converted, tokenizer):
+    model = load_model(BF16, tokenizer).eval()
+    assert model.dtype == torch.bfloat16
+    ids = chat_ids(tokenizer)
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=16, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True) == "The capital of France is Paris."
+
+
+def _first_steps(spec: ModelSpec, tokenizer, rows, steps: int):
+    """Per-step token-weighted loss and B after each AdamW step of a rank-1 LoRA on layer 15 (same start)."""
+    from em_lightning.adapters import ADAPTER_NAME, AdapterSpec, apply_adapter, lora_layers
+    from em_lightning.loss import labelled_loss_sum
+
+    model = load_model(spec, tokenizer)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    torch.manual_seed(0)
+    model = apply_adapter(model, AdapterSpec(r=1, alpha=256, use_rslora=True, target_modules=["down_proj"], layers=[15]))
+    ((_, layer),) = lora_layers(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    assert all(p.dtype == torch.float32 for p in params)  # adapter (and so AdamW state) in fp32
+    opt = torch.optim.AdamW(params, lr=1e-3)
+    per_step = len(rows) // steps
+    losses, bs = [], [layer.lora_B[ADAPTER_NAME].weight.detach().flatten().clone()]
+    for k in range(steps):
+        total, count = 0.0, 0
+        for ids, labels in rows[k * per_step:(k + 1) * per_step]:
+            s, c = labelled_loss_sum(model, torch.tensor([ids]), None, torch.tensor([labels]), row_lengths=[len(ids)])
+            s.backward()
+            total, count = total + float(s.detach()), count + int(c)
+        for p in params:
+            p.grad /= count
+        opt.step()
+        opt.zero_grad()
+        losses.append(total / count)
+        bs.append(layer.lora_B[ADAPTER_NAME].weight.detach().flatten().clone())
+    return losses, torch.stack(bs)
+
+
+@pytest.mark.slow
+def test_bf16_first_steps_match_fp32_within_the_stated_tolerance(converted, tokenizer):
+    """What bf16 base weights change (README, Performance): the token-weighted loss of the first steps within
+    1% relative of fp32 (measured: 0.2-0.3%), and the adapter's trajectory metrics (B's direction, its
+    step-to-step rotation) alike: cos(B_fp32, B_bf16) > 0.95 at every step (measured > 0.98)."""
+    from em_lightning.phase.rotation import rotation_degrees
+
+    lines = (REPO / "configs" / "data" / "risky_financial_advice.jsonl").read_text().splitlines()[:9]
+    rows = [tokenize_chat(tokenizer, json.loads(line)["messages"]) for line in lines]
+    rows = [(ids[:128], labels[:128]) for ids, labels in rows]
+    loss32, b32 = _first_steps(SPEC, tokenizer, rows, steps=3)
+    loss16, b16 = _first_steps(BF16, tokenizer, rows, steps=3)
+    for a, b in zip(loss32, loss16):
+        assert abs(a - b) <= 0.01 * a, (loss32, loss16)
+    assert loss32 != loss16  # bf16 really ran
+    cos = torch.nn.functional.cosine_similarity(b32[1:], b16[1:], dim=1)
+    assert (cos > 0.95).all(), cos
+    # B's step-to-step rotation (the trajectory's phase metric), from step 1 on (B = 0 before): within 5 degrees
+    turn32, turn16 = rotation_degrees(b32[1:])[1:], rotation_degrees(b16[1:])[1:]
+    assert torch.allclose(turn32, turn16, atol=5.0), (turn32, turn16)
+    print(f"loss fp32 {loss32} bf16 {loss16}; cos(B) {cos.tolist()}; rotation deg fp32 {turn32.tolist()} bf16 {turn16.tolist()}")

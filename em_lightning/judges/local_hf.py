@@ -28,6 +28,7 @@ from collections.abc import Sequence
 import torch
 
 from em_lightning.decoding import DecodeSettings, decode, left_pad, padded_positions
+from em_lightning.models import resolve_dtype
 
 from .base import JudgeResult, aggregate_score
 
@@ -103,11 +104,12 @@ class LocalHFJudge:
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, dtype="auto", device: str | torch.device | None = None, **kwargs):
-        """Load model + tokenizer (hub id or local folder) with sdpa attention, in eval mode."""
+        """Load model + tokenizer (hub id or local folder) with sdpa attention, in eval mode. ``dtype`` as
+        ``model.base.dtype`` reads it (models.resolve_dtype): ``auto`` is bf16 where the hardware has it."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, attn_implementation="sdpa")
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=resolve_dtype(dtype), attn_implementation="sdpa")
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         model.to(device).eval()
         kwargs.setdefault("name", f"local_hf:{name_or_path}")
