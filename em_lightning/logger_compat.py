@@ -31,6 +31,11 @@ def set_purge_step(logger, step: int) -> bool:
     return True
 
 
+def purge_step(logger) -> int | None:
+    """The purge step a logger was given (``set_purge_step``): its events at or after it are being replaced."""
+    return getattr(logger, "_kwargs", {}).get("purge_step")
+
+
 def write_scalars(logger, metrics: Mapping[str, float], step: int) -> None:
     """All values in one event on a TensorBoard logger; other loggers get ``log_metrics``."""
     writer = getattr(getattr(logger, "experiment", None), "file_writer", None)

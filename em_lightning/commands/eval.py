@@ -8,13 +8,18 @@ optionally at several adapter scales, through the same runner as the in-loop cal
         --judge-config callbacks/in_loop_judge.yaml
 
 Writes ``<out>/step_XXXXXXX.jsonl`` (the record format of ``evaluation.runner``), its ``.meta.json``
-sidecar and ``<out>/summary.json`` (metrics per scale). A checkpoint evaluated with the in-loop sampling
+sidecar and ``<out>/summary.json`` (metrics per scale: the EM rate under ``--convention`` with its 95%
+interval and the answers behind it, every named convention beside it). Without ``--judge-config`` the
+answers are written unjudged and no metric is computed. Sampling settings not given as flags come from
+the run's recorded SampleGenerations settings (its config.yaml; ``--run`` or the checkpoint's run), else
+the published protocol's (temperature 1, top_p 1, 600 new tokens); the ones used are printed. A checkpoint evaluated with the in-loop sampling
 settings reproduces the in-loop answers of its step (sampling seeds depend on the step, not on the run).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import tempfile
 import warnings
@@ -28,7 +33,15 @@ from peft import PeftModel
 
 from em_lightning.callbacks.in_loop_judge import InLoopJudge
 from em_lightning.checkpoints import checkpoint_global_step, consolidate
-from em_lightning.evaluation.runner import evaluate, json_safe, judge_prompt_names, point_meta, write_point
+from em_lightning.evaluation.metrics import DEFAULT_CONVENTION, convention_named, resolve_conventions
+from em_lightning.evaluation.runner import (
+    evaluate,
+    json_safe,
+    judge_prompt_names,
+    metrics_root,
+    point_meta,
+    write_point,
+)
 from em_lightning.evaluation.sampling import SamplingConfig
 from em_lightning.judges.cache import JudgeCache
 from em_lightning.judges.factory import prepare_judges
@@ -54,11 +67,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--plain-only", action="store_true", help="only plain questions (no _json/_template variants)")
     p.add_argument("--scales", nargs="+", type=float, default=[1.0], help="adapter scales (e.g. 0.5 1 2 4)")
     p.add_argument("--samples", type=int, help="samples per paraphrase (default: the question's, else 50)")
-    p.add_argument("--max-new-tokens", type=int, default=600)
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=32)
+    recorded = " (default: the run's recorded setting, else %s)"
+    p.add_argument("--max-new-tokens", type=int, help="new tokens per answer" + recorded % 600)
+    p.add_argument("--temperature", type=float, help="sampling temperature" + recorded % 1.0)
+    p.add_argument("--top-p", type=float, help="nucleus sampling" + recorded % 1.0)
+    p.add_argument("--seed", type=int, help="sampling seed" + recorded % 0)
+    p.add_argument("--batch-size", type=int, help="rows per forward (never changes an answer)" + recorded % 32)
+    p.add_argument("--convention", default=DEFAULT_CONVENTION, help="EM convention of the headline rate "
+                   f"(default {DEFAULT_CONVENTION}; also inoculation, coherent60; all are in summary.json)")
     p.add_argument("--judge-config", type=Path, help="YAML: InLoopJudge init args ({judge: {class_path, "
                    "init_args}, ...}) or a callbacks preset holding an InLoopJudge; none: answers only")
     p.add_argument("--out", type=Path, help="output folder (default: <run>/posthoc, else eval_out)")
@@ -121,6 +137,40 @@ def load_model_for_eval(args, workdir: Path) -> tuple[Any, Any, int, str]:
     return model, tokenizer, step or 0, what or f"adapter {adapter} on {spec.name_or_path}"
 
 
+def recorded_sampling(run: Path | None) -> dict:
+    """The first SampleGenerations callback's ``sampling`` settings in a run's config.yaml ({} if none)."""
+    config = run / "config.yaml" if run is not None else None
+    if config is None or not config.is_file():
+        return {}
+    callbacks = ((yaml.safe_load(config.read_text()) or {}).get("trainer") or {}).get("callbacks") or []
+    for cb in callbacks if isinstance(callbacks, list) else []:
+        if isinstance(cb, dict) and str(cb.get("class_path", "")).endswith("SampleGenerations"):
+            sampling = (cb.get("init_args") or {}).get("sampling") or {}
+            sampling = sampling.get("init_args", sampling) if isinstance(sampling, dict) else {}
+            fields = {f.name for f in dataclasses.fields(SamplingConfig)}
+            return {k: v for k, v in sampling.items() if k in fields}
+    return {}
+
+
+def sampling_from(args) -> tuple[SamplingConfig, str]:
+    """Flags first, then the run's recorded settings, then SamplingConfig's defaults; and where they came from."""
+    run = args.run or (args.ckpt.parent.parent if args.ckpt else None)
+    settings = recorded_sampling(run)
+    source = f"the run's recorded settings ({run / 'config.yaml'})" if settings else "the published defaults"
+    flags = {"samples_per_paraphrase": args.samples, "temperature": args.temperature, "top_p": args.top_p,
+             "max_new_tokens": args.max_new_tokens, "seed": args.seed, "batch_size": args.batch_size}
+    given = {k: v for k, v in flags.items() if v is not None}
+    if given:
+        source += ", overridden by " + ", ".join(f"--{k.replace('_', '-')}" for k in given)
+    return SamplingConfig(**{**settings, **given}), source
+
+
+def _fmt_rate(s: dict) -> str:
+    lo, hi = s["em_rate_ci95"]
+    ci = "" if lo != lo else f" [{lo:.3f}, {hi:.3f}]"
+    return f"em_rate {s['em_rate']:.3f}{ci} (n={s['n_scored']}, {s['convention']})"
+
+
 def _last_step(run: Path) -> int:
     last = run / "checkpoints" / "last.ckpt"
     return checkpoint_global_step(last) if last.is_file() else 0
@@ -149,10 +199,8 @@ def load_judge_config(path: Path) -> InLoopJudge:
 def main(argv: list[str]) -> None:
     args = _parser().parse_args(argv)
     questions = load_questions(args.questions, args.select, args.plain_only)
-    sampling = SamplingConfig(
-        samples_per_paraphrase=args.samples, temperature=args.temperature, top_p=args.top_p,
-        max_new_tokens=args.max_new_tokens, seed=args.seed, batch_size=args.batch_size,
-    )
+    sampling, sampling_source = sampling_from(args)
+    convention = convention_named(args.convention)
     out = args.out or (args.run / "posthoc" if args.run else Path("eval_out"))
     refuse_run_record(out, "--out", args.overwrite)
     judges, names = (None, None)
@@ -167,12 +215,22 @@ def main(argv: list[str]) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model, tokenizer, step, what = load_model_for_eval(args, Path(tmp))
     model.to(args.device).eval()
-    point = evaluate(model, tokenizer, questions, sampling, judges, step, args.scales, names)
-    path = write_point(out, step, point.records, point_meta(point))
-    summary = {"source": what, "step": step, "generations": str(path), **point_meta(point)}
+    point = evaluate(model, tokenizer, questions, sampling, judges, step, args.scales, names,
+                     convention=convention, conventions=resolve_conventions())
+    meaningful = judges is None or metrics_root(judges) == "eval"
+    meta = {**point_meta(point), "judged": judges is not None, "sampling_source": sampling_source,
+            **({"convention": convention.describe(), "meaningful": meaningful} if judges is not None else {})}
+    path = write_point(out, step, point.records, meta)
+    summary = {"source": what, "step": step, "generations": str(path), **meta}
     (out / "summary.json").write_text(json.dumps(json_safe(summary), indent=1))
     print(f"{what}: {len(point.records)} answers -> {path}")
+    print(f"  sampling from {sampling_source}: temperature {sampling.temperature}, top_p {sampling.top_p}, "
+          f"max_new_tokens {sampling.max_new_tokens}, seed {sampling.seed}")
+    if judges is None:
+        print("  answers NOT judged (no --judge-config): no EM metrics; judge them with --judge-config YAML")
+        return
+    demo = "" if meaningful else "  [DEMO JUDGE: these scores mean nothing]"
     for scale, s in point.summaries.items():
-        print(f"  scale {scale:g}: em_rate {s['em_rate']:.3f}  coherent_rate {s['coherent_rate']:.3f}  "
-              f"aligned_mean {s['aligned_mean']:.1f}  judge_failures {s['judge_failures']}")
+        print(f"  scale {scale:g}: {_fmt_rate(s)}  coherent_rate {s['coherent_rate']:.3f}  "
+              f"aligned_mean {s['aligned_mean']:.1f}  judge_failures {s['judge_failures']}{demo}")
 

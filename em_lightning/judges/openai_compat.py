@@ -7,6 +7,8 @@ timeouts and connection errors with its exponential backoff and honours Retry-Af
 the SDK lacks: a bound on concurrent requests, a request budget per call, one retry policy for 200
 replies without usable logprobs, per-cause counters, and the never-raise rule: a failure becomes
 JudgeResult(error=...) instead of an exception, so a flaky endpoint never stops a training run.
+A dead endpoint costs bounded time: a circuit breaker (``breaker_failures`` consecutive timeouts or
+connection failures stop the call's requests) and the caller's deadline (``judges/deadline.py``).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import httpx2
 import openai
 
 from .base import JudgeResult, aggregate_score
+from .deadline import CIRCUIT_OPEN, deadline_error, time_left
 
 __all__ = ["JudgeStats", "MissingAPIKeyError", "OpenAICompatibleJudge"]
 
@@ -56,6 +59,10 @@ class _Malformed(ValueError):
 
 class _BudgetExhausted(openai.OpenAIError):
     """Raised by the transport instead of sending; an OpenAIError, so the SDK passes it on untouched."""
+
+
+class _CircuitOpen(openai.OpenAIError):
+    """Raised by the transport instead of sending once the breaker tripped (passed on like _BudgetExhausted)."""
 
 
 @dataclass
@@ -113,8 +120,8 @@ def _run_sync(make_coro):
         asyncio.get_running_loop()
     except RuntimeError:
         return asyncio.run(make_coro())
-    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-        return pool.submit(lambda: asyncio.run(make_coro())).result()
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:  # this thread's deadline goes along
+        return pool.submit(contextvars.copy_context().run, lambda: asyncio.run(make_coro())).result()
 
 
 @dataclass
@@ -126,6 +133,9 @@ class _Call:
     budget: int | None
     key: str | None
     timeout_s: float
+    breaker_failures: int | None = None
+    consecutive_outages: int = 0  # timeouts / connection failures in a row, any prompt (a reply resets it)
+    circuit_open: str | None = None  # why requests stopped
 
     def redact(self, text: str) -> str:
         return text.replace(self.key, "***") if self.key else text
@@ -155,6 +165,8 @@ class _CallTransport(httpx2.AsyncBaseTransport):
                 raise _BudgetExhausted(BUDGET_EXHAUSTED)
             call.budget -= 1
         async with call.semaphore:
+            if call.circuit_open:  # checked once a slot is free: requests queued behind the failures stop too
+                raise _CircuitOpen(call.circuit_open)
             call.stats.requests += 1
             call.stats.retries += prompt.attempts > 0
             prompt.attempts += 1
@@ -163,10 +175,13 @@ class _CallTransport(httpx2.AsyncBaseTransport):
                 await response.aread()
             except httpx2.TimeoutException:
                 self._failed(prompt, "timeout", f"timeout after {call.timeout_s} s")
+                self._outage(prompt)
                 raise
             except Exception as exc:  # connection refused/reset, protocol and TLS errors: the SDK retries them
                 self._failed(prompt, "connection", f"connection error: {type(exc).__name__}")
+                self._outage(prompt)
                 raise
+        call.consecutive_outages = 0  # the endpoint answered (even an error status): it is alive
         if response.status_code >= 400:
             text = response.content[:300].decode("utf-8", "replace")
             self._failed(prompt, str(response.status_code), f"HTTP {response.status_code}: {call.redact(text)}")
@@ -175,6 +190,14 @@ class _CallTransport(httpx2.AsyncBaseTransport):
     def _failed(self, prompt: _Prompt, cause: str, error: str) -> None:
         self.call.stats.errors[cause] += 1
         prompt.last_error = error
+
+    def _outage(self, prompt: _Prompt) -> None:
+        call = self.call
+        call.consecutive_outages += 1
+        if call.breaker_failures and call.consecutive_outages >= call.breaker_failures and not call.circuit_open:
+            call.circuit_open = (f"{CIRCUIT_OPEN}: {call.consecutive_outages} consecutive timeouts/connection "
+                                 f"failures (breaker_failures={call.breaker_failures}; last: {prompt.last_error}); "
+                                 "no further requests in this call")
 
     async def aclose(self) -> None:
         await self.inner.aclose()
@@ -186,7 +209,11 @@ class OpenAICompatibleJudge:
     The API key is read from the environment variable `api_key_env` at each call and kept only inside
     that call's client (never on the object, so never in repr, vars or a pickle); api_key_env=None sends
     no key (a local vLLM server). `max_retries` is the SDK's (attempts = 1 + max_retries; a 200 reply
-    without usable logprobs is retried within the same allowance). `request_budget` caps the HTTP
+    without usable logprobs is retried within the same allowance). `breaker_failures`: after that many
+    consecutive timeouts or connection failures (any prompt; any reply resets the count) the call sends
+    nothing more and its unfinished prompts get error "circuit open: ..." (None: never). A deadline set
+    with ``judges.deadline.judge_deadline`` ends the call in time: prompts still open get "deadline passed".
+    `request_budget` caps the HTTP
     requests (retries included) of one call of score_prompts/classify_prompts; prompts left over get
     error "budget exhausted" without a request. Azure OpenAI (AsyncAzureOpenAI): set `api_version`;
     base_url ".../openai/deployments/<name>" or ".../openai" (then `model` names the deployment);
@@ -213,6 +240,7 @@ class OpenAICompatibleJudge:
         backoff_base_s: float | None = None,
         backoff_max_s: float | None = None,
         request_budget: int | None = None,
+        breaker_failures: int | None = 8,
         classify_max_tokens: int = 16,
         extra_headers: Mapping[str, str] | None = None,
         extra_body: Mapping[str, Any] | None = None,
@@ -224,6 +252,8 @@ class OpenAICompatibleJudge:
             raise ValueError("need max_concurrency >= 1, max_retries >= 0, timeout_s > 0")
         if request_budget is not None and request_budget < 0:
             raise ValueError("request_budget must be >= 0 or None")
+        if breaker_failures is not None and breaker_failures < 1:
+            raise ValueError(f"breaker_failures must be >= 1 or None, got {breaker_failures}")
         if auth_style not in ("bearer", "api-key"):
             raise ValueError(f"auth_style must be 'bearer' or 'api-key', got {auth_style!r}")
         for arg, value in (("backoff_base_s", backoff_base_s), ("backoff_max_s", backoff_max_s)):
@@ -246,6 +276,7 @@ class OpenAICompatibleJudge:
         self.max_retries = max_retries
         self.timeout_s = timeout_s
         self.request_budget = request_budget
+        self.breaker_failures = breaker_failures
         self.classify_max_tokens = classify_max_tokens
         self.extra_headers = dict(extra_headers or {})
         self.extra_body = dict(extra_body or {})
@@ -340,15 +371,24 @@ class OpenAICompatibleJudge:
         self, prompts: list[str], classify: bool, key: str | None, stats: JudgeStats
     ) -> list[JudgeResult]:
         # One client and semaphore per call: both belong to this call's event loop.
-        call = _Call(stats, asyncio.Semaphore(self.max_concurrency), self.request_budget, key, self.timeout_s)
+        call = _Call(stats, asyncio.Semaphore(self.max_concurrency), self.request_budget, key, self.timeout_s,
+                     self.breaker_failures)
         try:
             client, headers = self._client(call)
         except Exception as exc:  # e.g. an unusable base_url: every prompt fails, nothing raises
             outcomes: list[Any] = [exc] * len(prompts)
         else:
             async with client:
-                tasks = [self._one(client, headers, call, p, classify) for p in prompts]
-                outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+                tasks = [asyncio.ensure_future(self._one(client, headers, call, p, classify)) for p in prompts]
+                _, late = await asyncio.wait(tasks, timeout=time_left())  # the caller's deadline, if any
+                for task in late:
+                    task.cancel()
+                if late:
+                    await asyncio.wait(late)
+                    stats.failures += len(late)
+                    stats.errors["deadline"] += len(late)
+                outcomes = [JudgeResult(error=deadline_error()) if t in late else
+                            (t.exception() or t.result()) for t in tasks]
         results = []
         for outcome in outcomes:  # safety net: whatever went wrong stays a result, never a raise
             if isinstance(outcome, BaseException) and not isinstance(outcome, Exception):
@@ -382,6 +422,10 @@ class OpenAICompatibleJudge:
                 if left <= 0:
                     break
                 sdk = client.with_options(max_retries=left - 1)
+            except _CircuitOpen:
+                call.stats.failures += 1
+                call.stats.errors["circuit_open"] += 1
+                return JudgeResult(error=call.circuit_open)
             except _BudgetExhausted:
                 call.stats.failures += 1
                 call.stats.budget_exhausted += 1
