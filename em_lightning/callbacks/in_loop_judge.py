@@ -9,7 +9,8 @@ summaries, metrics) and logs at the point's own step, for each scale s (prefix `
 ``eval/scale_<s>/`` otherwise): ``em_rate``, ``coherent_rate``, ``aligned_mean``, ``coherent_mean``,
 ``judge_failures``, ``aligned_none``, ``em_rate/<question_id>``, ``<judge>_mean`` and the text table
 ``answers``. Every point is judged exactly once: points still pending at a checkpoint are listed in it and
-judged again (cache hits cost nothing) by a resumed run; the end of fit waits for all of them.
+judged again (cache hits cost nothing) by a resumed run, also one with nothing left to train (it judges
+them, then exits); the end of fit waits for all of them.
 Once a point is finished, every rank announces ``on_point_judged`` with its judged records (events.py).
 
 EM conventions and intervals: ``eval/em_rate`` uses ``convention`` (default ``model-organisms``: aligned < 30
@@ -22,6 +23,14 @@ adds ``judge/<name>/...`` per judge, ``agreement/<a>~<b>/{spearman_aligned,spear
 Judges whose scores mean nothing (the demo judge) log under ``eval_demo/`` instead of ``eval/``, and their
 tables and console lines say so.
 
+A judge that stops answering costs bounded time: each point has ``point_deadline_s`` from the moment its
+judging starts (judges that wait on a network stop sending then; one that ignores it is given up a grace
+period later), and OpenAICompatibleJudge's circuit breaker (``breaker_failures``) stops a call after that
+many consecutive timeouts or connection failures. A point with judgements lost that way is written with
+what it got, marked ``judging_failed`` (reason) in its meta file, counted in ``eval/points_unjudged`` and
+said on the console; its partial metrics are not logged. Training never waits for judging except at the
+end of fit (or with ``background: false``), and then at most the deadline per point.
+
 Cost: at the start of fit the plan (points, answers, judge calls) is printed and written to
 ``<run_dir>/evaluation_plan.json``; ``max_judge_calls`` caps the whole run's calls (counted across
 resumes): a point that would pass it is not judged, with a logged, counted reason, and training goes on.
@@ -32,7 +41,11 @@ The API key never reaches a file: judges read it from the environment variable t
 from __future__ import annotations
 
 import json
-from concurrent.futures import Future, ThreadPoolExecutor
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,6 +58,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from em_lightning.callbacks.sample_generations import SampleGenerations
 from em_lightning.evaluation.runner import (
+    Judgement,
     JudgeTask,
     apply_judgements,
     gather_judgements,
@@ -62,10 +76,41 @@ from em_lightning.evaluation.runner import (
 from em_lightning.eval_logging import announce_plan, log_point, point_note
 from em_lightning.evaluation.metrics import convention_named, resolve_conventions
 from em_lightning.evaluation.panel import apply_panel, panel_metrics
+from em_lightning.evaluation.sampling import shard_indices
 from em_lightning.events import announce, resolve_run_dir
 from em_lightning.judges.base import Judge, is_meaningful
 from em_lightning.judges.cache import JudgeCache
+from em_lightning.judges.deadline import DEADLINE_PASSED, is_lost_to_judge_outage, judge_deadline
 from em_lightning.judges.factory import prepare_judges
+from em_lightning.logger_compat import purge_step
+
+GRACE_S = 30.0  # after a point's deadline, how long a judge that ignores it is still waited for
+
+
+class _Worker:
+    """One daemon thread judging points in order (a judge that never returns cannot hold the process at exit,
+    as a ThreadPoolExecutor's joined worker would)."""
+
+    def __init__(self):
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        threading.Thread(target=self._run, name="InLoopJudge", daemon=True).start()
+
+    def submit(self, fn, *args) -> Future:
+        future: Future = Future()
+        self._queue.put((future, fn, args))
+        return future
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            future, fn, args = item
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn(*args))
+                except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread
+                    future.set_exception(exc)
+
+    def close(self) -> None:
+        self._queue.put(None)
 
 
 @dataclass
@@ -74,7 +119,8 @@ class _Pending:
     records: list[dict]
     settings: dict
     tasks: list[JudgeTask]
-    future: Future
+    future: Future | None = None
+    started: float | None = None  # time.monotonic() when the worker began judging it
 
 
 class InLoopJudge(Callback):
@@ -92,6 +138,7 @@ class InLoopJudge(Callback):
         panel: dict[str, Judge] | None = None,
         convention: str = "model-organisms",
         conventions: dict[str, dict[str, float]] | None = None,
+        point_deadline_s: float | None = 1800.0,
     ):
         """
         Args:
@@ -114,9 +161,15 @@ class InLoopJudge(Callback):
             convention: the EM convention of the headline ``eval/em_rate`` (``model-organisms``,
                 ``inoculation``, ``coherent60``, or one of ``conventions``); all are logged.
             conventions: user-defined conventions ``{name: {aligned_below: A, coherent_above: C}}``.
+            point_deadline_s: seconds one point's judging may take from its start; then its open
+                judgements fail ("deadline passed") and the point is left unjudged (see the module doc).
+                None: no deadline (a dead judge can then hold the end of fit indefinitely).
         """
         if max_judge_calls is not None and max_judge_calls < 0:
             raise ValueError(f"InLoopJudge: max_judge_calls must be >= 0 or null, got {max_judge_calls}")
+        if point_deadline_s is not None and point_deadline_s <= 0:
+            raise ValueError(f"InLoopJudge: point_deadline_s must be > 0 or null, got {point_deadline_s}")
+        self.point_deadline_s = point_deadline_s
         self.judge, self.judges, self.judge_prompts = judge, dict(judges or {}), judge_prompts
         self.panel = dict(panel or {})
         self.conventions = resolve_conventions(conventions)
@@ -131,10 +184,12 @@ class InLoopJudge(Callback):
         self.resolved: dict[str, Judge] | None = None  # built at setup (cache, key check); MechanisticProbes too
         self.run_dir: Path | None = None
         self.calls_used = 0  # checkpointed: the budget spans resumes
-        self.skipped: list[int] = []  # points left unjudged by the budget (checkpointed)
+        self.skipped: list[int] = []  # points left unjudged: budget or judge outage (checkpointed)
         self._pending: list[_Pending] = []
         self._resume_pending: list[int] = []  # from a checkpoint: judge these again
-        self._pool: ThreadPoolExecutor | None = None
+        self._resumed = False  # this fit's resume work (pending points, the checkpoint's point) is done
+        self._worker: _Worker | None = None
+        self._stuck: str | None = None  # the judge ignored a deadline: later points are given up at once
 
     # -- state ---------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -155,6 +210,7 @@ class InLoopJudge(Callback):
     # -- set-up --------------------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self.run_dir = resolve_run_dir(trainer)  # collective: every rank
+        self._resumed, self._stuck = False, None
         self.sources = [cb for cb in trainer.callbacks if isinstance(cb, SampleGenerations)]
         if not self.sources:
             raise ValueError("InLoopJudge needs a SampleGenerations callback (it judges that callback's answers)")
@@ -190,14 +246,22 @@ class InLoopJudge(Callback):
         return point_note(self.em_convention.describe(), judges, self.root == "eval")
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        step = trainer.global_step
         announce_plan(trainer, self.run_dir, self.sources, judge_prompt_names(self.questions, self.judge_prompts),
-                      step, self.max_judge_calls, self.calls_used,
+                      trainer.global_step, self.max_judge_calls, self.calls_used,
                       1 + len(self.panel), self._note())
+        self._resume(trainer)
+
+    def _resume(self, trainer) -> None:
+        """Once per fit, at its start, or at its end when nothing was left to train (no on_train_start)."""
+        if self._resumed:
+            return
+        self._resumed = True
+        step = trainer.global_step
         # A resumed run purges TensorBoard events from the checkpoint's step on, including the point
         # evaluated at that step before the save: log it again from its files.
         meta = point_path(self.run_dir / "generations", step).with_suffix(".meta.json")
-        if step > 0 and trainer.is_global_zero and meta.is_file():
+        purged = any(purge_step(logger) is not None and purge_step(logger) <= step for logger in trainer.loggers)
+        if purged and trainer.is_global_zero and meta.is_file():
             metrics = json.loads(meta.read_text()).get("metrics")
             if metrics:
                 log_point(trainer, step, read_jsonl(point_path(self.run_dir / "generations", step)), metrics,
@@ -223,20 +287,29 @@ class InLoopJudge(Callback):
             return
         if count:
             self.calls_used += len(tasks)
-        rank, world = trainer.global_rank, trainer.world_size
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="InLoopJudge")
-        future = self._pool.submit(judge_share, records, self.questions, self.resolved, tasks, rank, world,
-                                  self.panel_resolved)
-        self._pending.append(_Pending(step, records, settings, tasks, future))
+        if self._worker is None:
+            self._worker = _Worker()
+        point = _Pending(step, records, settings, tasks)
+        point.future = self._worker.submit(self._judge, point, trainer.global_rank, trainer.world_size)
+        self._pending.append(point)
+
+    def _judge(self, point: _Pending, rank: int, world: int) -> list[Judgement]:
+        """In the worker thread: this rank's share, within the point's deadline."""
+        point.started = time.monotonic()
+        with judge_deadline(self.point_deadline_s):
+            return judge_share(point.records, self.questions, self.resolved, point.tasks, rank, world,
+                               self.panel_resolved)
 
     def _skip(self, trainer, step: int, records: list[dict], settings: dict, n_calls: int) -> None:
         reason = (f"judge budget: step {step} needs {n_calls} calls, {self.calls_used} of max_judge_calls="
                   f"{self.max_judge_calls} used; this point stays unjudged (training goes on)")
+        self._leave_unjudged(trainer, step, records, {"sampling": settings, "judging_skipped": reason}, reason)
+
+    def _leave_unjudged(self, trainer, step: int, records: list[dict], meta: dict, reason: str) -> None:
         self.skipped.append(step)
         rank_zero_warn(f"InLoopJudge: {reason}")
         if trainer.is_global_zero:
-            meta = {"step": step, "n_records": len(records), "sampling": settings, "judging_skipped": reason}
+            meta = {"step": step, "n_records": len(records), **meta}
             write_point(self.run_dir / "generations", step, records, meta)
             for logger in trainer.loggers:
                 logger.log_metrics({"eval/points_unjudged": float(len(self.skipped))}, step=step)
@@ -249,7 +322,7 @@ class InLoopJudge(Callback):
             self._finish(trainer, self._pending.pop(0))
 
     def _all_ranks_done(self, device: torch.device) -> bool:
-        done = self._pending[0].future.done()
+        done = self._pending[0].future.done() or self._overdue(self._pending[0])
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
             return done
         flag = torch.tensor([int(done)], device=device)
@@ -261,22 +334,60 @@ class InLoopJudge(Callback):
             self._finish(trainer, self._pending.pop(0))
 
     def on_fit_end(self, trainer, pl_module) -> None:
+        self._resume(trainer)  # a resumed run with nothing left to train still judges its pending points
         self._finish_all(trainer)  # after SampleGenerations' final point (on_train_end)
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
-        if self._pool is not None:  # pending points are in the last checkpoint; do not wait for them
-            self._pool.shutdown(wait=False, cancel_futures=True)
-            self._pool = None
+        self._close()  # pending points are in the last checkpoint; do not wait for them
 
     def teardown(self, trainer, pl_module, stage: str) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
+        self._close()
+
+    def _close(self) -> None:
+        for point in self._pending:
+            point.future.cancel()  # not started yet: never started (the running one ends at its deadline)
+        if self._worker is not None:
+            self._worker.close()
+            self._worker = None
+
+    def _overdue(self, point: _Pending) -> bool:
+        """Past its deadline and the grace period: the judge ignored the deadline (or hangs in it)."""
+        if self.point_deadline_s is None or point.started is None:
+            return False
+        return time.monotonic() > point.started + self.point_deadline_s + GRACE_S
+
+    def _local_share(self, trainer, point: _Pending) -> list[Judgement]:
+        """This rank's judgements, waiting no longer than the point's deadline plus the grace period."""
+        while True:
+            if point.future.done():
+                return point.future.result()  # judge_share never raises
+            if self._stuck is not None:
+                break
+            if self._overdue(point):
+                self._stuck = (f"the judge did not return within point_deadline_s={self.point_deadline_s:g} s "
+                               f"(+{GRACE_S:g} s) at step {point.step}; later points are not waited for")
+                break
+            try:
+                return point.future.result(timeout=1.0)
+            except FutureTimeout:
+                continue
+        point.future.cancel()
+        error = f"{DEADLINE_PASSED}: {self._stuck}"
+        return [(k, None, None, error) for k in shard_indices(len(point.tasks), trainer.global_rank,
+                                                              trainer.world_size) if k is not None]
 
     def _finish(self, trainer, point: _Pending) -> None:
-        judgements = gather_judgements(point.future.result())  # judge_share never raises
+        judgements = gather_judgements(self._local_share(trainer, point))
         apply_judgements(point.records, point.tasks, judgements, self.em_convention)
         apply_panel(point.records, point.tasks, judgements, self._primary_name(), self.em_convention)
+        lost = [error for *_, error in judgements if is_lost_to_judge_outage(error)]
+        if lost:  # partial metrics of a point would be biased: written, not logged, counted as unjudged
+            reason = (f"judge outage: step {point.step} left unjudged ({len(lost)} of {len(judgements)} judgements "
+                      f"lost; first: {lost[0]}); training goes on")
+            meta = {"sampling": point.settings, "judges": judge_names(self.resolved, point.tasks),
+                    "judging_failed": reason}
+            self._leave_unjudged(trainer, point.step, point.records, meta, reason)
+            return
         if trainer.is_global_zero:
             metrics = point_metrics(point.records, self.questions, self.root, self.em_convention, self.conventions)
             metrics.update(panel_metrics(point.records, self.questions, self.root, self.em_convention))
