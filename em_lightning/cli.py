@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
         if name not in LIGHTNING_CLI:
             module.main(args[1:])
             return
-        module.EMFitCLI(args=args)
+        module.EMFitCLI(args=argv)  # None: LightningCLI reads sys.argv itself (given both, it warns)
     except (ValueError, FileNotFoundError) as e:
         if os.environ.get("EM_DEBUG"):
             raise

@@ -25,7 +25,10 @@ class DataStats:
     train: int = 0
     val: int = 0
     truncated: int = 0
-    dropped: int = 0
+    dropped: int = 0  # every row left out: over max_length with overlength drop, or no labelled token
+    unlabelled: int = 0  # of which: no assistant token left to train on (after the cut, or none at all)
+    val_capped_from: int | None = None  # held-out rows before data.val_max_rows capped them
+    val_tokens: int = 0
     train_tokens: int = 0
     label_tokens: int = 0
 
@@ -57,6 +60,9 @@ class ChatDataModule(pl.LightningDataModule):
         dataset: a ``datasets`` dataset with a ``messages`` column (hub id or local folder), added to the files.
         dataset_split: split of ``dataset`` to read.
         val_fraction: share of rows held out for validation loss (seeded split; 0 disables validation).
+        val_max_rows: at most this many held out (the rest train), so that a large data set's val/loss
+            stays a bounded share of the run's compute; the schedule and its estimated cost are printed
+            at the start. null: no cap.
         system_prompt: system message added to rows that have none.
         max_length: longest tokenised row.
         overlength: ``truncate`` cuts rows at max_length (as TRL does), ``drop`` removes them; rows left
@@ -82,6 +88,7 @@ class ChatDataModule(pl.LightningDataModule):
         dataset: str | None = None,
         dataset_split: str = "train",
         val_fraction: float = 0.1,
+        val_max_rows: int | None = 256,
         system_prompt: str | None = None,
         max_length: int = 2048,
         overlength: Literal["truncate", "drop"] = "truncate",
@@ -102,6 +109,10 @@ class ChatDataModule(pl.LightningDataModule):
                                    ("num_workers", num_workers, 0), ("max_row_bytes", max_row_bytes, 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise ValueError(f"data.{name}: expected an integer >= {least}, got {value!r}")
+        if val_max_rows is not None and (isinstance(val_max_rows, bool) or not isinstance(val_max_rows, int)
+                                         or val_max_rows < 1):
+            raise ValueError(f"data.val_max_rows: expected an integer >= 1 or null, got {val_max_rows!r}")
+        self.val_max_rows = val_max_rows
         self.max_row_bytes = max_row_bytes
         self.inoculation, self.interleave = inoculation, interleave
         self.interleave_k = interleave.per_batch(batch_size) if interleave is not None else 0
@@ -146,6 +157,7 @@ class ChatDataModule(pl.LightningDataModule):
             self.stats.truncated += 1
         if label_count(labels) == 0:
             self.stats.dropped += 1
+            self.stats.unlabelled += 1
             return None
         return {"input_ids": ids, "labels": labels}
 
@@ -161,6 +173,8 @@ class ChatDataModule(pl.LightningDataModule):
         n_val = int(round(len(rows) * self.val_fraction))
         if self.val_fraction > 0 and len(rows) > 1:
             n_val = max(1, n_val)
+        if self.val_max_rows is not None and n_val > self.val_max_rows:
+            self.stats.val_capped_from, n_val = n_val, self.val_max_rows
         encoded = [self._encode(tokenizer, rows[i]) for i in order]
         self.val_set = [e for e in encoded[:n_val] if e is not None]
         self.train_set = [e for e in encoded[n_val:] if e is not None]
@@ -170,6 +184,7 @@ class ChatDataModule(pl.LightningDataModule):
         s.train, s.val = len(self.train_set), len(self.val_set)
         s.train_tokens = sum(len(e["input_ids"]) for e in self.train_set)
         s.label_tokens = sum(label_count(e["labels"]) for e in self.train_set)
+        s.val_tokens = sum(len(e["input_ids"]) for e in self.val_set)
         if self.interleave is not None:
             aligned = read_rows(self.interleave.files, None, "train", self.max_row_bytes)
             self.aligned_set = [e for e in (self._encode(tokenizer, r, task_row=False) for r in aligned) if e is not None]
@@ -177,10 +192,32 @@ class ChatDataModule(pl.LightningDataModule):
                 raise ValueError("data.interleave.files: no aligned row left after encoding")
             rank_zero_info(f"data: interleaving {self.interleave_k} of every {self.batch_size} rows per batch from "
                            f"{len(self.aligned_set)} aligned rows ({', '.join(self.interleave.files)})")
-        rank_zero_info(
-            f"data: {s.rows} rows -> {s.train} train / {s.val} val; {s.truncated} truncated, {s.dropped} dropped "
-            f"(max_length={self.max_length}, overlength={self.overlength}); {s.label_tokens} labelled tokens"
-        )
+        rank_zero_info(self._summary())
+
+    def _summary(self) -> str:
+        """What happened to the rows, in words: the split, what max_length cut or removed, what was dropped."""
+        s = self.stats
+        held = f"{s.val} held out for val/loss" + (
+            f" ({s.val_capped_from} at data.val_fraction={self.val_fraction:g}, capped at data.val_max_rows="
+            f"{self.val_max_rows})" if s.val_capped_from else "")
+        parts = [f"data: {s.rows} rows -> {s.train} train, {held}"]
+        if s.truncated:
+            parts.append(f"{s.truncated} rows longer than data.max_length={self.max_length} tokens cut to it "
+                         "(data.overlength: drop removes them instead)")
+        if s.dropped - s.unlabelled:
+            parts.append(f"{s.dropped - s.unlabelled} rows longer than data.max_length={self.max_length} tokens "
+                         "removed (data.overlength: drop)")
+        if s.unlabelled:
+            parts.append(f"{s.unlabelled} rows dropped with no assistant token left to train on"
+                         + (" (the cut at max_length took them all)" if s.truncated else ""))
+        return "; ".join(parts) + f"; {s.label_tokens} labelled tokens to train on"
+
+    def validation_size(self, accumulate: int = 1, world_size: int = 1) -> tuple[int, int, int | None, float]:
+        """(held-out rows, their tokens, rows before the cap or None, training tokens per optimizer step of
+        all ranks) for the validation plan's cost estimate."""
+        s = self.stats
+        per_batch = s.train_tokens / max(len(self.train_set), 1) * self.batch_size
+        return s.val, s.val_tokens, s.val_capped_from, per_batch * accumulate * world_size
 
     def _rank_world(self) -> tuple[int, int]:
         trainer = self.trainer

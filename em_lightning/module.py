@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -13,6 +14,7 @@ from typing import Literal
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info
+from tqdm.auto import tqdm
 
 from em_lightning.adapters import (
     ADAPTER_NAME,
@@ -227,8 +229,11 @@ class EMFineTune(pl.LightningModule):
         was_training = self.model.training
         self.model.eval()
         self.on_validation_epoch_start()
+        # A bar (rank 0, when bars are on): a large held-out set can take minutes on a CPU.
+        quiet = not self.trainer.is_global_zero or self.trainer.progress_bar_callback is None
         with torch.no_grad():
-            for batch in itertools.islice(loaders, n):
+            for batch in tqdm(itertools.islice(loaders, n), total=min(n, len(loaders)), desc=f"val/loss at step {step}",
+                              leave=False, dynamic_ncols=True, disable=quiet, file=sys.stdout):
                 self.validation_step(self.trainer.strategy.batch_to_device(batch), 0)
         self.model.train(was_training)
         self._write_val_loss(self._reduced_val_loss(), step)

@@ -230,15 +230,6 @@ def test_bad_option_names_itself(tmp_path, capsys, option, value, expected):
     assert not root.exists()
 
 
-def test_val_interval_longer_than_an_epoch_fails_before_the_run_directory(tmp_path, capsys):
-    """Lightning checks it when the fit loop starts: it used to leave version_0/ with config.yaml + events."""
-    small = write_rows(tmp_path / "small.jsonl", *([GOOD] * 20))
-    root = tmp_path / "runs"
-    line = cli(capsys, "fit", "--config", SMOKE, "--data.train_files", small, "--trainer.default_root_dir", root)
-    assert "trainer.val_check_interval: 20 is more than the 5 training batches of an epoch" in line
-    assert not root.exists()
-
-
 JUDGE_PROMPTS = [
     ("Rate it.\n{question}\n{answr}", "unknown placeholder {answr}"),
     ("Rate this answer from 0 to 100.\nQuestion: {question}", "no {answer} placeholder"),

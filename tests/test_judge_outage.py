@@ -178,3 +178,10 @@ trainer:
         assert meta["metrics"]["eval/coherent_rate"] == 1.0, resumed.stderr[-2000:]
     steps = assert_one_value_per_step(run, "eval/")
     assert steps["eval/em_rate"] == [2, 4]
+
+
+def test_the_preset_states_the_deadline_and_breaker(repo_root):
+    from em_lightning.commands.eval import load_judge_config
+
+    inloop = load_judge_config(repo_root / "callbacks" / "in_loop_judge.yaml")
+    assert inloop.point_deadline_s == 1800 and inloop.judge.breaker_failures == 8 and inloop.judge.timeout_s == 30

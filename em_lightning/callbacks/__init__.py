@@ -8,7 +8,8 @@ from em_lightning.callbacks.kl_to_base import KLToBase
 from em_lightning.callbacks.mechanistic import MechanisticProbes
 from em_lightning.callbacks.progress import StepProgressBar
 from em_lightning.callbacks.sample_generations import SampleGenerations
+from em_lightning.callbacks.step_validation import StepValidation
 from em_lightning.callbacks.training_steering import TrainingSteering
 
-__all__ = ["AdapterTrajectory", "InLoopJudge", "KLToBase", "MechanisticProbes", "SampleGenerations", "StepCheckpoint", "StepProgressBar",
+__all__ = ["AdapterTrajectory", "InLoopJudge", "KLToBase", "MechanisticProbes", "SampleGenerations", "StepCheckpoint", "StepProgressBar", "StepValidation",
            "TrainingSteering"]

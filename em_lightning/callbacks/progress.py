@@ -32,6 +32,8 @@ class StepProgressBar(TQDMProgressBar):
         if bar.n != n and self._should_update(n, bar.total):
             bar.n = n
             bar.set_postfix(self.get_metrics(trainer, pl_module))
+            if n >= bar.total:  # done: printed once, before the last validation and Lightning's "stopped" line
+                bar.close()
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.train_progress_bar.disable:

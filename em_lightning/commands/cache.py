@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 
+from em_lightning.commands import help_parser
 from em_lightning.gguf_cache import cache_entries, cache_root, remove_entry
 
 
@@ -47,7 +48,7 @@ def _clean(everything: bool) -> None:
 
 
 def main(argv: list[str]) -> None:
-    p = argparse.ArgumentParser(prog="em-fit cache", description=__doc__.splitlines()[0])
+    p = help_parser("em-fit cache", __doc__)
     sub = p.add_subparsers(dest="action", required=True)
     sub.add_parser("list", help="every converted folder, its size and source")
     clean = sub.add_parser("clean", help="remove the folders no current GGUF file uses")

@@ -10,16 +10,18 @@ import argparse
 import difflib
 from pathlib import Path
 
+from em_lightning.commands import help_parser
 from em_lightning.data_fetch import FetchError, fetch_archive, fetch_file
 from em_lightning.data_registry import BY_NAME, DEFAULT_DIR, ENTRIES, KINDS, DataFile
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="em-fit data", description=__doc__.splitlines()[0])
+    p = help_parser("em-fit data", __doc__)
     sub = p.add_subparsers(dest="action", required=True)
     ls = sub.add_parser("list", help="the registered question files and datasets")
     ls.add_argument("--kind", choices=KINDS)
     ls.add_argument("--verbose", "-v", action="store_true", help="also source, checksums and provenance")
+    ls.add_argument("--dir", type=Path, default=Path(DEFAULT_DIR), help=f"data folder to look in (default: {DEFAULT_DIR}/)")
     fetch = sub.add_parser("fetch", help="download, verify and validate files into the data folder")
     fetch.add_argument("names", nargs="+", metavar="NAME", help="entries of `em-fit data list`")
     fetch.add_argument("--dir", type=Path, default=Path(DEFAULT_DIR), help=f"data folder (default: {DEFAULT_DIR}/)")
@@ -34,13 +36,15 @@ def _checks(e: DataFile) -> str:
     return f"{blob}; {sha}" + (f"; {e.size} bytes" if e.size else "")
 
 
-def _list(kind: str | None, verbose: bool) -> None:
+def _list(kind: str | None, verbose: bool, data_dir: Path) -> None:
+    """One line per entry: name, kind, where fetch puts it, whether it is there already, its count."""
     for e in ENTRIES:
         if kind and e.kind != kind:
             continue
         count = f"{e.count} {'questions' if e.kind == 'questions' else 'rows'}" if e.count else ""
         dest = e.dest + ("/" if e.kind == "protected-archive" else "")
-        print(f"{e.name:28s} {e.kind:18s} {DEFAULT_DIR}/{dest:44s} {count}".rstrip())
+        there = "fetched" if (data_dir / e.dest).exists() else "-"  # `fetch` verifies its checksum again
+        print(f"{e.name:28s} {e.kind:18s} {data_dir}/{dest:44s} {there:8s} {count}".rstrip())
         if verbose:
             for line in (e.about, f"{e.repo}@{e.commit}:{e.path}", _checks(e), f"verified: {e.note}"):
                 print(f"{'':4s}{line}")
@@ -70,7 +74,7 @@ def _fetch(names: list[str], data_dir: Path, url_base: str | None) -> None:
 def main(argv: list[str]) -> None:
     args = _parser().parse_args(argv)
     if args.action == "list":
-        _list(args.kind, args.verbose)
+        _list(args.kind, args.verbose, args.dir)
         return
     try:
         _fetch(args.names, args.dir, args.base_url)

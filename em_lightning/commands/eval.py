@@ -31,6 +31,7 @@ import yaml
 from jsonargparse import ArgumentParser
 from peft import PeftModel
 
+from em_lightning.commands import help_parser
 from em_lightning.callbacks.in_loop_judge import InLoopJudge
 from em_lightning.checkpoints import checkpoint_global_step, consolidate
 from em_lightning.evaluation.metrics import DEFAULT_CONVENTION, convention_named, resolve_conventions
@@ -54,7 +55,7 @@ from em_lightning.tiny import TinySpec
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="em-fit eval", description=__doc__.split("\n\n")[0])
+    p = help_parser("em-fit eval", __doc__)
     p.add_argument("--base", help="base model: tiny:qwen2 | hub id | folder (default: from --run / --ckpt)")
     p.add_argument("--run", type=Path, help="run directory (its config.yaml gives the base model)")
     src = p.add_mutually_exclusive_group()

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 
+from em_lightning.commands import help_parser
 from em_lightning.phase.reconstruct import export_step_adapter
 from em_lightning.run_outputs import refuse_run_record
 
 
 def main(argv: list[str] | None = None) -> None:
     """``em-fit export-step RUN_DIR STEP OUT_DIR``."""
-    parser = argparse.ArgumentParser(prog="em-fit export-step", description=export_step_adapter.__doc__)
+    parser = help_parser("em-fit export-step", export_step_adapter.__doc__)
     parser.add_argument("run_dir", help="run directory (or its trajectory/ folder)")
     parser.add_argument("step", type=int, help="a recorded global step")
     parser.add_argument("out_dir", help="folder to write the PEFT adapter to")

@@ -13,6 +13,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from em_lightning.atomic_io import TMP_MARK, remove_stale_temporaries
 from em_lightning.callbacks.checkpointing import AtomicCheckpointIO, StepCheckpoint
 from em_lightning.callbacks.progress import StepProgressBar
+from em_lightning.callbacks.step_validation import StepValidation
 from em_lightning.checkpoint_check import check_checkpoint, check_resume_checkpoint
 from em_lightning.checkpoints import checkpoint_global_step, checkpoint_run_limits
 from em_lightning.data import ChatDataModule
@@ -79,6 +80,9 @@ class EMFitCLI(LightningCLI):
         callbacks = list(trainer_cfg.get("callbacks") or [])
         if trainer_cfg.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
             trainer_cfg["callbacks"] = [*callbacks, StepProgressBar()]
+        # val/loss every trainer.val_check_interval optimizer steps of the run, across epochs (step_validation.py);
+        # first, so that its schedule is printed before the bar starts
+        trainer_cfg["callbacks"] = [StepValidation(), *(trainer_cfg.get("callbacks") or [])]
         trainer = super().instantiate_trainer(**kwargs)
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # a user's own CheckpointIO stays
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
@@ -108,6 +112,13 @@ class EMFitCLI(LightningCLI):
             self._apply_extension_policy(Path(cfg["ckpt_path"]))
         self._claim_run_dir()
 
+    def after_fit(self) -> None:
+        # The one line a newcomer needs at the end: where the run is and how to look at it (rank 0).
+        log_dir = self.trainer.log_dir
+        if self.trainer.is_global_zero and log_dir is not None and self.trainer.logger is not None:
+            print(f"em-fit: run in {log_dir}; view with: tensorboard --logdir {self.trainer.logger.save_dir}; "
+                  f"summary: em-fit report {log_dir}", flush=True)
+
     def before_validate(self) -> None:
         self._check_inputs()
         self._claim_run_dir()
@@ -118,24 +129,12 @@ class EMFitCLI(LightningCLI):
         from. (Question files were checked when the callbacks were built, options by their classes.)"""
         self.datamodule.load_rows()
         self.datamodule.setup(self.subcommand)  # encodes every row; Lightning's own setup call then returns
-        self._check_val_interval()
         cfg = self.config_init[self.subcommand]
         asked = cfg.get("ckpt_path")
         if asked == "last":
             cfg["ckpt_path"] = str(self._resolve_last())
         if cfg.get("ckpt_path") and str(cfg["ckpt_path"]) != getattr(self, "_checked_ckpt", None):
             check_resume_checkpoint(cfg["ckpt_path"], resolved_from_last=asked == "last")
-
-    def _check_val_interval(self) -> None:
-        # Lightning checks this only when the fit loop starts, after the run directory exists.
-        t, dm = self.trainer, self.datamodule
-        if (self.subcommand != "fit" or not isinstance(t.val_check_interval, int) or t.check_val_every_n_epoch is None
-                or t.limit_val_batches == 0 or t.limit_train_batches != 1.0):
-            return
-        batches = dm.batches_per_epoch(t.world_size)  # dm.trainer is not attached yet
-        if t.val_check_interval > batches:
-            raise ValueError(f"trainer.val_check_interval: {t.val_check_interval} is more than the {batches} training "
-                             "batches of an epoch; lower it, or set trainer.check_val_every_n_epoch: null")
 
     def _claim_run_dir(self) -> None:
         """One writer per run directory. Rank 0 creates a fresh run's ``version_N`` exclusively (two runs

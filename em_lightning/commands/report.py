@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from em_lightning.commands import help_parser
 from em_lightning.report.analysis import analyse_run
 from em_lightning.report.figures import draw_all
 from em_lightning.report.mechanistic import draw_mechanistic
@@ -13,7 +14,7 @@ from em_lightning.report.summary import write_summary
 
 
 def main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="em-fit report", description=__doc__.splitlines()[0])
+    parser = help_parser("em-fit report", __doc__)
     parser.add_argument("run_dir", type=Path, help="run directory (the logger's log_dir)")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: RUN_DIR/report)")
     parser.add_argument("--k", type=int, nargs="+", default=[5, 10, 15], help="local cosine scales to plot")

@@ -9,7 +9,9 @@ Steering adds ``alpha x mean_norm[L] x unit direction`` to decoder layer L's out
 residual norm there over the answers the direction was computed on) with the adapter at scale 0 (the
 base model); ablation projects ``alpha x`` the direction out of the model of step S (alpha 1: entirely).
 Layers default to those the adapters write into. The direction is the newest ``<run>/directions/step_*``
-at or before S (from MechanisticProbes; ``--direction-step D`` picks one). The model of step S is rebuilt
+at or before S (``--direction-step D`` picks one): written live by MechanisticProbes
+(``callbacks/mechanistic_judge_free.yaml``, ``callbacks/mechanistic.yaml``) or after training by
+``em-fit direction RUN --step S``. The model of step S is rebuilt
 from the trajectory (rank 1) or read from ``checkpoints/step_S.ckpt`` (``--ckpt``: any checkpoint), as
 ``em-fit eval`` does.
 Questions, sampling settings and the judge default to the run's own (its config.yaml). Writes
@@ -29,6 +31,7 @@ import torch
 import yaml
 from torch.utils.tensorboard import SummaryWriter
 
+from em_lightning.commands import help_parser
 from em_lightning.commands.eval import load_judge_config, load_model_for_eval
 from em_lightning.evaluation.runner import judge_prompt_names, judge_records
 from em_lightning.evaluation.sampling import SamplingConfig
@@ -47,7 +50,7 @@ from em_lightning.questions import load_questions
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="em-fit steer", description=__doc__.split("\n\n")[0])
+    p = help_parser("em-fit steer", __doc__)
     p.add_argument("run", type=Path, help="run directory")
     p.add_argument("--step", type=int, required=True, help="the step whose model (ablation) and direction to use")
     p.add_argument("--alphas", nargs="+", type=float, default=None,
@@ -129,8 +132,9 @@ def main(argv: list[str]) -> None:
         d_step = max((s for s in have if s <= args.step), default=None)
     if d_step is None:
         where = f"at or before step {args.step}" if args.direction_step is None else f"at step {args.direction_step}"
-        raise ValueError(f"{args.run}: no direction {where} (directions at steps {have or 'none'}; "
-                         "MechanisticProbes writes them)")
+        raise ValueError(f"{args.run}: no direction {where} (directions at steps {have or 'none'}): compute one "
+                         f"with `em-fit direction {args.run} --step {args.step}` (judge-free, from triples), or "
+                         "record them live with --config callbacks/mechanistic_judge_free.yaml")
     direction = load_direction(direction_path(args.run, d_step))
     questions, sampling = _questions_and_sampling(args)
     judges, names = _judges(args, questions)
