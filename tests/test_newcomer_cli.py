@@ -42,4 +42,4 @@ def test_every_registered_module_has_an_entry_point():
 
     for name, (module, about) in SUBCOMMANDS.items():
         assert importlib.util.find_spec(module) is not None, name
-        assert about and "\n" not in about and len(about) < 90, name
+        assert about and "\n" not in about and len(about) <= 100, name
