@@ -238,3 +238,19 @@ def test_presets_name_their_classes_and_options():
     inter = Interleave(**yaml.safe_load(open("callbacks/defenses/interleave.yaml"))["data"]["interleave"])
     assert inter.per_batch(4) == 1
     assert all(json.loads(line)["messages"] for line in open(OFF_DOMAIN))
+
+
+def test_kl_reference_gets_the_training_intervention(tiny, direction_file):
+    # Steering acts in both of the KL's forwards: at B = 0 the KL is still exactly 0 (it measures the adapter
+    # alone and never pulls the adapter against the steering).
+    model, tok = tiny
+    _set_b(model, 0)
+    iv = TrainingIntervention(str(direction_file), "steer", alpha=1.0, layers=(1,))
+    iv.attach(model)
+    try:
+        model.train()
+        kl, _ = kl_to_base(model, **_off_domain_batch(tok, 2))
+        assert kl.item() == 0.0 and iv.applied == 2
+    finally:
+        iv.detach()
+        model.eval()

@@ -4,8 +4,10 @@ it) and CAFT (concept ablation fine-tuning: project the direction out while fine
 
 The hooks are ``probes.steering``'s arithmetic (same units: steering adds ``alpha x mean_norm[L] x u_L``,
 ablation removes ``alpha x (h . u_L) u_L``), registered for the whole run but acting only in a training
-forward: the module in training mode with gradients enabled. Evaluation (sampling, judging, val/loss, the
-KL defense's no-grad base forward) runs in eval mode or under ``no_grad`` and sees the model as trained.
+forward: the module in training mode with gradients enabled, or inside ``training_reference()`` (the KL
+defense's no-grad forward of the base: the reference gets the same intervention, so the KL measures the
+adapter's change alone and does not pull the adapter against the steering). Evaluation (sampling, judging,
+val/loss) runs in eval mode or under ``no_grad`` and sees the model as trained.
 
 Direction files: the project's ``directions/step_*.safetensors`` (``probes.directions``), or a persona
 vector as Chen et al. save it: a ``.pt`` tensor (n_layers + 1, hidden) indexed by hidden-state number, so
@@ -15,7 +17,9 @@ No Lightning.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -42,8 +46,21 @@ def load_any_direction(path: str | Path) -> Direction:
     return Direction(-1, {L: t[L + 1].float() for L in range(t.shape[0] - 1)}, {}, 0, 0, {"source": str(path)})
 
 
+_REFERENCE = ContextVar("training_reference", default=False)
+
+
+@contextmanager
+def training_reference() -> Iterator[None]:
+    """A no-grad forward that is still part of training (the KL defense's base): interventions act in it."""
+    token = _REFERENCE.set(True)
+    try:
+        yield
+    finally:
+        _REFERENCE.reset(token)
+
+
 def _training_forward(module: torch.nn.Module) -> bool:
-    return module.training and torch.is_grad_enabled()
+    return module.training and (torch.is_grad_enabled() or _REFERENCE.get())
 
 
 @dataclass

@@ -5,7 +5,8 @@ The base is the same model with every LoRA adapter at scale 0 (``adapters.scaled
 model is loaded; a full fine-tune has no such base and is refused. Per token at the labelled (assistant)
 positions of the off-domain rows: ``KL(p_base || p_model) = sum_v p_base(v) (log p_base(v) - log p_model(v))``
 (``F.kl_div`` with the model's log-probabilities as input), averaged over those tokens. At step 0 a LoRA's
-B is zero, so the model is the base and the KL is exactly 0.
+B is zero, so the model is the base and the KL is exactly 0. Training-only steering or ablation
+(intervention.py) acts in both forwards, so the KL measures the adapter's change alone.
 
 ``OffDomainStream``: the rows of micro-batch m on rank r are a pure function of (seed, m, r): a seeded
 permutation per pass over the rows, each (micro-batch, rank) taking the next ``batch_size`` of it, so a
@@ -22,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from em_lightning.adapters import lora_layers, scaled_adapter
+from em_lightning.defenses.intervention import training_reference
 from em_lightning.masking import IGNORE_INDEX, ChatTemplateError, tokenize_chat
 
 
@@ -39,7 +41,7 @@ def kl_to_base(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: 
         out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=cols)
         return torch.log_softmax(out.logits[keep[:, cols]].float(), dim=-1)
 
-    with torch.no_grad(), scaled_adapter(model, 0.0):
+    with torch.no_grad(), scaled_adapter(model, 0.0), training_reference():  # the base under training's hooks
         base = logprobs()
     kl = F.kl_div(logprobs(), base, log_target=True, reduction="sum")
     return kl, keep.sum()
