@@ -1,8 +1,11 @@
 """Per-point cost of the live trajectory metrics (em_lightning.phase.online.OnlineTrajectory.update: norms,
 rotations, lagged cosines, local cosines at k = 5, 10, 15, one detector per module) for several adapter
-shapes, against the former form that called rotation.py once per module and metric. One thread.
+shapes, against the former code: phase/online.py, rotation.py and detector.py as they were at commit
+``--former`` (default 11e6bee~1, before "one rotation.py call per metric for all modules"), read with
+``git show`` into a temporary package. Both run on the same points in lockstep (their order alternating
+point by point, so drifting load hits both alike), their outputs are checked equal, one thread.
 
-    python scripts/bench_online_metrics.py [--points 60]
+    python scripts/bench_online_metrics.py [--points 60] [--former 11e6bee~1]
 
 Last line: ``ratio: X.XXx`` = former / current time per point, for the largest shape (196 modules x 3584:
 rank-32 all-linear on a 7B model's B directions).
@@ -11,62 +14,83 @@ rank-32 all-linear on a 7B model's B directions).
 from __future__ import annotations
 
 import argparse
+import importlib
+import math
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
-from em_lightning.phase.detector import TransitionDetector
-from em_lightning.phase.online import OnlineTrajectory, _f64
-from em_lightning.phase.rotation import cosine_to_lag, local_cosine_similarity, rotation_degrees
+from em_lightning.phase.online import OnlineTrajectory
 
+REPO = Path(__file__).resolve().parents[1]
 SHAPES = ((1, 896), (9, 5120), (196, 3584))  # (modules, vector size)
+FILES = ("online.py", "rotation.py", "detector.py")
 
 
-def former_metrics(traj: OnlineTrajectory, vectors: dict) -> None:
-    """The metrics part as it was: a few torch calls per module and metric (detectors left out)."""
-    window = list(traj.window)
-    for name, (a, b) in vectors.items():
-        a, b = _f64(a), _f64(b)
-        float(a.norm()), float(b.norm())
-        if len(window) > 1:
-            float(rotation_degrees(torch.stack([window[-2][1][name], b]))[1])
-        for j in sorted({1, *traj.k_values}):
-            if len(window) > j:
-                float(cosine_to_lag(torch.stack([window[-1 - j][1][name], b]), 1)[1])
-        for k in traj.k_values:
-            if len(window) >= 2 * k + 1:
-                float(local_cosine_similarity(torch.stack([window[-1 - 2 * k][1][name], window[-1 - k][1][name], b]), 1)[1])
+def former_online(commit: str, folder: Path):
+    """The former phase/online.py (with the rotation.py and detector.py of that commit) as a module."""
+    package = folder / "former_phase"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    for name in FILES:
+        text = subprocess.run(["git", "show", f"{commit}:em_lightning/phase/{name}"], cwd=REPO, check=True,
+                              capture_output=True, text=True).stdout
+        (package / name).write_text(text)
+    sys.path.insert(0, str(folder))
+    return importlib.import_module("former_phase.online")
 
 
-def time_per_point(modules: int, size: int, points: int, former: bool) -> float:
+def same(a, b) -> bool:
+    """Equal metrics to float rounding (the former code computed per module, the current one stacked)."""
+    def close(x, y):
+        return math.isclose(x, y, rel_tol=1e-9, abs_tol=1e-9)
+
+    return (a.now.keys() == b.now.keys() and all(close(a.now[k], b.now[k]) for k in a.now)
+            and a.lagged.keys() == b.lagged.keys()
+            and all(a.lagged[s].keys() == b.lagged[s].keys() and all(close(a.lagged[s][k], b.lagged[s][k])
+                                                                      for k in a.lagged[s]) for s in a.lagged)
+            and [(n, e.step) for n, e in a.events] == [(n, e.step) for n, e in b.events])
+
+
+def time_per_point(former_cls, modules: int, size: int, points: int) -> tuple[float, float]:
+    """(current, former) seconds per point once the window is full, the two updated in lockstep."""
     g = torch.Generator().manual_seed(0)
-    traj = OnlineTrajectory((5, 10, 15), {})
     series = [{f"m{i}": (torch.randn(size, generator=g), torch.randn(size, generator=g)) for i in range(modules)}
               for _ in range(points)]
-    elapsed = 0.0
+    sides = {"current": OnlineTrajectory((5, 10, 15), {}), "former": former_cls((5, 10, 15), {})}
+    elapsed = {"current": 0.0, "former": 0.0}
     for step, vectors in enumerate(series):
-        start = time.perf_counter()
-        if former:
-            former_metrics(traj, vectors)
-            for name, (_, b) in vectors.items():  # the detectors, as both forms run them
-                traj.detectors.setdefault(name, TransitionDetector()).update(step, b)
-            traj.window.append((step, {n: _f64(b) for n, (_, b) in vectors.items()}))
-        else:
-            traj.update(step, vectors)
-        if step >= points // 2:  # a full window
-            elapsed += time.perf_counter() - start
-    return elapsed / (points - points // 2)
+        order = ("current", "former") if step % 2 == 0 else ("former", "current")
+        out = {}
+        for side in order:
+            start = time.perf_counter()
+            out[side] = sides[side].update(step, vectors)
+            if step >= points // 2:  # a full window
+                elapsed[side] += time.perf_counter() - start
+        if not same(out["current"], out["former"]):
+            raise SystemExit(f"step {step}: the former and current metrics differ; nothing to compare")
+    n = points - points // 2
+    return elapsed["current"] / n, elapsed["former"] / n
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--points", type=int, default=60)
+    p.add_argument("--former", default="11e6bee~1", help="git commit whose phase/ code is the former side")
     args = p.parse_args()
     torch.set_num_threads(1)
-    for modules, size in SHAPES:
-        now = time_per_point(modules, size, args.points, former=False)
-        before = time_per_point(modules, size, args.points, former=True)
-        print(f"{modules:4d} modules x {size}: {now * 1e3:7.2f} ms per point (former {before * 1e3:7.2f} ms)")
+    with tempfile.TemporaryDirectory() as tmp:
+        former = former_online(args.former, Path(tmp))
+        print(f"current: phase/online.py of the working tree; former: {args.former} "
+              f"({subprocess.run(['git', 'rev-parse', '--short', args.former], cwd=REPO, capture_output=True, text=True).stdout.strip()}); "
+              f"one thread, {args.points} points, timed over the last {args.points - args.points // 2}")
+        for modules, size in SHAPES:
+            now, before = time_per_point(former.OnlineTrajectory, modules, size, args.points)
+            print(f"{modules:4d} modules x {size}: {now * 1e3:7.2f} ms per point (former {before * 1e3:7.2f} ms)")
     print(f"ratio: {before / now:.2f}x")
 
 

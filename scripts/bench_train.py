@@ -2,13 +2,18 @@
 
 Same shape as the baseline in ../shared/ENVIRONMENT.md (hidden 256, 4 layers, 32,000-row vocabulary,
 effective batch 16, fp32), set beside a bare PyTorch loop (the same loss function, backward, AdamW) over the
-same batches: the difference is what Lightning, logging and the callbacks cost. TRL side by side on the same
-job: scripts/bench_vs_trl.py.
+same batches in the same order (the data module's own loader: its seeded shuffle, padding-free rows, each
+step's loss normalised by its labelled tokens): the difference is what Lightning, logging and the callbacks
+cost. The two alternate for ``--rounds`` rounds (drifting load hits both alike); each side's figure is its
+median round. TRL side by side on the same job: scripts/bench_vs_trl.py.
 
-    python scripts/bench_train.py [--steps 12] [--warmup 3]
+    python scripts/bench_train.py [--steps 12] [--warmup 3] [--rounds 3]
+
+Last line: ``ratio: X.XXx`` = em-lightning tok/s / bare-loop tok/s (medians).
 """
 
 import argparse
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -17,13 +22,18 @@ import lightning.pytorch as pl
 import torch
 
 from em_lightning.adapters import AdapterSpec
-from em_lightning.data import ChatDataModule, collate
+from em_lightning.data import ChatDataModule
 from em_lightning.loss import labelled_loss_sum, right_padded_lengths
 from em_lightning.models import ModelSpec
 from em_lightning.module import EMFineTune
+from em_lightning.resumable import STEP_TOKENS
 from em_lightning.tiny import TinySpec
 
 DATA = Path(__file__).resolve().parents[1] / "configs" / "data" / "unit_conversions.jsonl"
+
+
+def fingerprint(batch) -> tuple:
+    return tuple(batch["input_ids"].shape), int(batch["input_ids"].sum())
 
 
 class StepTimer(pl.Callback):
@@ -31,8 +41,10 @@ class StepTimer(pl.Callback):
 
     def __init__(self, warmup: int):
         self.warmup, self.tokens, self.start, self.end = warmup, 0, None, None
+        self.batches = []  # (shape, id sum) of every micro-batch: the bare loop must see the same sequence
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.batches.append(fingerprint(batch))
         if self.start is None and trainer.global_step >= self.warmup:
             self.start = time.perf_counter()
         if self.start is not None:
@@ -42,53 +54,72 @@ class StepTimer(pl.Callback):
         self.end = time.perf_counter()
 
 
-def bare_loop(model: EMFineTune, data: ChatDataModule, steps: int, warmup: int, accumulate: int) -> float:
-    """Tokens/s of the same loss (labelled positions, padding-free rows) + backward + AdamW over the same batch
-    shapes, with no framework around it."""
+def bare_loop(model: EMFineTune, data: ChatDataModule, steps: int, warmup: int, accumulate: int,
+              expected: list[tuple]) -> float:
+    """Tokens/s of the same loss (labelled positions, padding-free rows, divided by the step's labelled tokens)
+    + backward + AdamW over the batches Lightning trained on, in its order, with no framework around it."""
     net = model.model.train()
     opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-4)
-    rows, batch = data.train_set, data.batch_size
-    tokens, start = 0, None
-    for i in range(steps * accumulate):
-        if i == warmup * accumulate:
-            start = time.perf_counter()
-        b = collate([rows[(i * batch + j) % len(rows)] for j in range(batch)], data.pad_id)
-        if start is not None:
-            tokens += int(b["attention_mask"].sum())
-        loss, count = labelled_loss_sum(net, **b, row_lengths=right_padded_lengths(b["attention_mask"]))
-        (loss / count).backward()
-        if (i + 1) % accumulate == 0:
-            opt.step()
-            opt.zero_grad()
-    return tokens / (time.perf_counter() - start)
+    loader = data.train_dataloader()  # ResumableDataLoader: epoch 0's seeded order, as Lightning's first epoch
+    assert loader.accumulate == accumulate
+    tokens, start, i, seen = 0, None, 0, []
+    while i < steps * accumulate:
+        for b in loader:  # an exhausted loader moves to its next epoch's order, as Lightning's set_epoch does
+            seen.append(fingerprint(b))
+            if i == warmup * accumulate:
+                start = time.perf_counter()
+            if start is not None:
+                tokens += int(b["attention_mask"].sum())
+            step_tokens = b.pop(STEP_TOKENS).clamp(min=1)
+            loss, _ = labelled_loss_sum(net, **b, row_lengths=right_padded_lengths(b["attention_mask"]))
+            (loss / step_tokens).backward()
+            if (i + 1) % accumulate == 0:
+                opt.step()
+                opt.zero_grad()
+            i += 1
+            if i == steps * accumulate:
+                break
+    rate = tokens / (time.perf_counter() - start)
+    if seen != expected:
+        raise SystemExit("the bare loop read other batches than Lightning: nothing to compare")
+    return rate
+
+
+def lightning_run(base: ModelSpec, steps: int, warmup: int) -> tuple[float, EMFineTune, ChatDataModule, StepTimer]:
+    """(tok/s from optimizer step `warmup` on, the module, its data module, its timer) of one fit."""
+    model = EMFineTune(base=base, adapter=AdapterSpec(r=1, layers=[2], alpha=64), lr=1e-4)
+    data = ChatDataModule(train_files=str(DATA), base=base, batch_size=4, val_fraction=0.0)
+    timer = StepTimer(warmup)
+    out = tempfile.mkdtemp(prefix="bench_train_")  # the final adapter export lands here, not in the repo
+    trainer = pl.Trainer(accelerator="cpu", max_steps=steps, accumulate_grad_batches=4, logger=False,
+                         default_root_dir=out,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[timer], use_distributed_sampler=False)
+    trainer.fit(model, data)
+    return timer.tokens / (timer.end - timer.start), model, data, timer
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     base = ModelSpec(name_or_path="tiny:qwen2", dtype="float32",
                      tiny=TinySpec(hidden_size=256, intermediate_size=1024, num_layers=4, model_vocab_size=32000))
-    model = EMFineTune(base=base, adapter=AdapterSpec(r=1, layers=[2], alpha=64), lr=1e-4)
-    data = ChatDataModule(train_files=str(DATA), base=base, batch_size=4, val_fraction=0.0)
-    timer = StepTimer(args.warmup)
-    out = tempfile.mkdtemp(prefix="bench_train_")  # the final adapter export lands here, not in the repo
-    trainer = pl.Trainer(accelerator="cpu", max_steps=args.steps, accumulate_grad_batches=4, logger=False,
-                         default_root_dir=out,
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         callbacks=[timer], use_distributed_sampler=False)
-    trainer.fit(model, data)
-    elapsed = timer.end - timer.start
+    ours, bare = [], []
+    for r in range(args.rounds):
+        rate, model, data, timer = lightning_run(base, args.steps, args.warmup)
+        ours.append(rate)
+        bare.append(bare_loop(model, data, args.steps, args.warmup, 4, timer.batches))
+        print(f"round {r + 1}: em-lightning {ours[-1]:,.0f} tok/s, bare loop {bare[-1]:,.0f} tok/s", flush=True)
     params = sum(p.numel() for p in model.model.parameters())
     print(f"tiny qwen2 hidden 256, 4 layers, vocab 32000 ({params / 1e6:.1f}M params), batch 4 x accum 4, fp32, "
-          f"{torch.get_num_threads()} threads")
-    print(f"{args.steps - args.warmup} optimizer steps: {timer.tokens} tokens in {elapsed:.2f} s = "
-          f"{timer.tokens / elapsed:,.0f} tok/s, {elapsed / (args.steps - args.warmup):.3f} s/step")
-    bare = bare_loop(model, data, args.steps, args.warmup, accumulate=4)
-    print(f"bare PyTorch loop, same batches: {bare:,.0f} tok/s; em-lightning reaches "
-          f"{timer.tokens / elapsed / bare:.0%} of it")
-    print(f"ratio: {timer.tokens / elapsed / bare:.2f}x")  # em-lightning / bare loop
+          f"{torch.get_num_threads()} threads; {args.steps - args.warmup} timed optimizer steps ({timer.tokens} tokens) "
+          f"per run, median of {args.rounds} alternating rounds")
+    ours_m, bare_m = statistics.median(ours), statistics.median(bare)
+    print(f"em-lightning {ours_m:,.0f} tok/s; bare PyTorch loop, same batches in the same order: {bare_m:,.0f} tok/s")
+    print(f"ratio: {ours_m / bare_m:.2f}x")  # em-lightning / bare loop
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+import yaml
 from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
@@ -83,8 +84,21 @@ def test_lora_run_trajectory_sampling_and_export(lora_run, gemma_folder):
     x = torch.randint(0, 400, (2, 9))
     with torch.no_grad():
         before = base(input_ids=x).logits
+        # the final step's model, built by hand: the run's config says alpha and r (rsLoRA: alpha / sqrt(r)),
+        # the trajectory the final A and B; layer 2's down_proj adds scaling * B (A . x)
+        adapter = yaml.safe_load((lora_run / "config.yaml").read_text())["model"]["adapter"]
+        assert adapter["r"] == 1 and adapter["use_rslora"]
+        name = "model.language_model.layers.2.mlp.down_proj"
+        a, b = traj.a[name][-1], traj.b[name][-1]
+        handle = base.get_submodule(name).register_forward_hook(
+            lambda module, args, out: out + adapter["alpha"] * (args[0] @ a)[..., None] * b)
+        try:
+            final_step = base(input_ids=x).logits
+        finally:
+            handle.remove()
         tuned = PeftModel.from_pretrained(base, lora_run / "adapter").eval()(input_ids=x).logits
-    assert not torch.allclose(before, tuned)
+    assert not torch.allclose(before, tuned, atol=1e-3)
+    assert torch.allclose(tuned, final_step, rtol=1e-5, atol=1e-5)
 
 
 def test_full_finetune_run_exports_a_model_that_reloads(gemma_folder, tmp_path):

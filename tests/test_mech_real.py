@@ -8,13 +8,16 @@ import importlib.util
 import math
 
 import pytest
+import torch
 import yaml
+from scipy.stats import mannwhitneyu
 from clirun import REPO, em_fit, ok, scalars
 
 from em_lightning.cli import main
 from em_lightning.evaluation.runner import read_jsonl
 from em_lightning.gguf_cache import SMOLLM2_GGUF
 from em_lightning.models import ModelSpec, load_model, load_tokenizer
+from em_lightning.phase.store import read_trajectory
 from em_lightning.probes import ALIGNED, EM, collect, direction_path, from_sums, load_direction, load_triples
 from em_lightning.probes.logprob import render_prompt
 
@@ -60,13 +63,43 @@ def run(tmp_path_factory):
     return run_dir
 
 
+def lora_scalar_auroc_by_hand(run, step):
+    """The LoRA-scalar AUROC of a step from its definition, without the probe code: per triple answer, the
+    mean over its tokens of A . x (x: layer 15 down_proj's input, which the adapter at that module's output
+    cannot change, so the base model gives it; A: the step's, from the trajectory); then the Mann-Whitney
+    U of the misaligned answers' scalars against the aligned ones' over the 3 x 3 pairs (scipy)."""
+    traj = read_trajectory(run)
+    name = "model.layers.15.mlp.down_proj"
+    a = traj.a[name][traj.steps.tolist().index(step)].double()
+    spec = ModelSpec(name_or_path=SMOLLM2_GGUF, dtype="float32")
+    tokenizer = load_tokenizer(spec)
+    model = load_model(spec, tokenizer).eval()
+    inputs = []
+    handle = model.get_submodule(name).register_forward_hook(lambda m, args, out: inputs.append(args[0][0].double()))
+    scalars = {"aligned": [], "misaligned": []}
+    try:
+        for t in load_triples(run.parents[2] / "triples.jsonl"):
+            prompt = tokenizer(render_prompt(tokenizer, t.question, t.system), add_special_tokens=False)["input_ids"]
+            for kind in scalars:
+                answer = tokenizer(getattr(t, kind), add_special_tokens=False)["input_ids"]
+                with torch.no_grad():
+                    model(input_ids=torch.tensor([prompt + answer]))
+                scalars[kind].append(float((inputs.pop()[len(prompt):] @ a).mean()))
+    finally:
+        handle.remove()
+    u = mannwhitneyu(scalars["misaligned"], scalars["aligned"]).statistic
+    return u / (len(scalars["misaligned"]) * len(scalars["aligned"]))
+
+
 def test_probes_logged_at_step_resolution(run):
     margin = dict(scalars(run, "mech/logprob_margin"))
     assert sorted(margin) == [0, 4] and all(math.isfinite(v) for v in margin.values())
     cos = dict(scalars(run, "mech/model.layers.15.mlp.down_proj/cos_B_direction"))
     assert sorted(cos) == [0, 4] and cos[0] == 0.0 and cos[4] != 0.0  # B starts at zero, then moves
     auroc = dict(scalars(run, "mech/model.layers.15.mlp.down_proj/lora_scalar_auroc"))
-    assert sorted(auroc) == [0, 4] and all(0.0 <= v <= 1.0 for v in auroc.values())  # logged at both periods
+    assert sorted(auroc) == [0, 4]  # logged at both periods
+    for step, value in auroc.items():
+        assert value == pytest.approx(lora_scalar_auroc_by_hand(run, step), abs=1e-6), step
     assert dict(scalars(run, "mech/n_em")).keys() == {4}  # counted at the judged point
 
 
