@@ -14,6 +14,14 @@ TensorBoard tags, per module ``m`` (e.g. ``model.layers.24.mlp.down_proj``), log
   phase/m/A_grad_norm, B_grad_norm       at step g, before optimizer step g (as train/grad_norm)
   phase/m/transition_step                the turn's step, at that step, when the detector fires
   phase/transitions (text)               one line per detected turn
+
+Resume: every tag keeps exactly one value per step. A resumed run's logger purges the steps from the
+checkpoint's on, so the checkpoint's own point is logged again; values that belong to steps before the
+last checkpoint but became known after it (local cosines, detected turns) are held back until the next
+checkpoint (or the end), since a purge would not remove them and the resumed run computes them again.
+A trajectory folder that lost records the resumed run cannot record again (a truncated file, a deleted
+folder) is repaired to its last complete record, with a warning naming the file and the missing steps,
+which meta.json's ``"gaps"`` lists (the damaged files are copied beside it first: phase/store.py).
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from em_lightning.adapters import ADAPTER_NAME, lora_layers
 from em_lightning.dashboard import ScalarBuffer, log_scalars, log_text, phase_transition_layout, write_layout
 from em_lightning.events import announce, resolve_run_dir
+from em_lightning.logger_compat import purge_step
 from em_lightning.phase import TransitionDetector, TransitionEvent, lora_direction
 from em_lightning.phase.online import OnlineTrajectory
 from em_lightning.phase.store import TrajectoryWriter
@@ -79,6 +88,9 @@ class AdapterTrajectory(pl.Callback):
         self._lora: list = []  # (name, LoRA layer), found once: walking the model each step is not free
         self._writer: TrajectoryWriter | None = None
         self._scalars = ScalarBuffer()  # written in bursts: see dashboard.py
+        self._held: list[tuple[int, dict[str, float], list[str]]] = []  # (step, scalars, texts) before _ckpt_step
+        self._ckpt_step: int | None = None  # step of the newest checkpoint (saved, or resumed from)
+        self._relogged = False
         self._restored = False
         self._reset()
 
@@ -111,9 +123,11 @@ class AdapterTrajectory(pl.Callback):
             raise ValueError(f"AdapterTrajectory does not support {type(trainer.strategy).__name__}; use DDP or "
                              "FSDP2 (configs/strategies/fsdp2.yaml), or remove the callback")
         self._dir = resolve_run_dir(trainer) / "trajectory"  # collective: every rank
+        self._held, self._ckpt_step, self._relogged = [], None, False
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         step = self._seen_step = trainer.global_step  # restored from the checkpoint by now
+        self._ckpt_step = step if self._restored else None
         self._lora = list(lora_layers(pl_module.model))
         if not self._lora:
             rank_zero_warn("AdapterTrajectory: the model has no LoRA adapter; nothing is recorded")
@@ -128,6 +142,9 @@ class AdapterTrajectory(pl.Callback):
             # Otherwise keep only records before this fit's first point (a fresh run: none).
             self._writer.truncate_after(step if self._restored else step - 1)
             write_layout(trainer, phase_transition_layout(self.k_values))
+            if self._restored:
+                self._check_continuity(step)
+        self._relog_checkpoint_point(trainer)
         if (self.last_step is None or self.last_step < step) and step % self.every_n_steps == 0:
             self._record(trainer, pl_module, step)
 
@@ -154,20 +171,69 @@ class AdapterTrajectory(pl.Callback):
             self._record(trainer, pl_module, step)
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
-        self._scalars.flush(trainer)  # a run resumed from this checkpoint re-logs only later steps
+        self._flush(trainer, held=True)  # a run resumed from this checkpoint re-logs only later steps
+        self._ckpt_step = trainer.global_step
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._scalars.flush(trainer)
+        self._flush(trainer, held=True)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._relog_checkpoint_point(trainer)  # a resume with nothing left to train has no on_train_start
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._held = []  # a resume from the last checkpoint computes these again: logged now, they would be twice
         self.teardown(trainer, pl_module, "fit")  # every record is already on disk; log and release the files
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._scalars.flush(trainer)
+        self._flush(trainer, held=True)
         if self._writer is not None:
             self._writer.close()
             self._writer = None
         self._restored = False
+
+    # -- resume ------------------------------------------------------------------------------------------
+    def _relog_checkpoint_point(self, trainer: pl.Trainer) -> None:
+        """Log the checkpoint's own point again when the logger purges its step (once per fit)."""
+        step, now = trainer.global_step, self._online.last_now
+        if self._relogged or not self._restored or self.last_step != step or not now:
+            return
+        self._relogged = True
+        if any(purge_step(logger) is not None and purge_step(logger) <= step for logger in trainer.loggers):
+            log_scalars(trainer, now, step)
+
+    def _check_continuity(self, step: int) -> None:
+        """After a resume the files must end at the checkpoint's last point; say loudly what is missing."""
+        last, have = self.last_step, self._writer.steps
+        if last is None or (have and have[-1] == last):
+            return
+        first_missing = have[-1] + 1 if have else 0
+        why = self._writer.damage or (f"{self._dir} holds no record (deleted?)" if not have else
+                                      f"{self._dir} ends at step {have[-1]}")
+        reason = (f"AdapterTrajectory: {why}; steps {first_missing}-{last} are missing from the trajectory and "
+                  f"cannot be recorded again (export-step cannot rebuild them); recording continues at step "
+                  f"{step + 1} (meta.json lists the gap)")
+        self._writer.note_gap(first_missing, last, reason)
+        rank_zero_warn(reason)
+
+    def _add(self, trainer: pl.Trainer, metrics: dict[str, float], step: int, texts: list[str] = ()) -> None:
+        """Scalars (and phase/transitions lines) of ``step``: held back when the step lies before the newest
+        checkpoint (see the module doc), else buffered."""
+        if self._ckpt_step is not None and step < self._ckpt_step:
+            if trainer.is_global_zero:
+                self._held.append((step, metrics, list(texts)))
+            return
+        self._scalars.add(trainer, metrics, step)
+        for text in texts:
+            log_text(trainer, "phase/transitions", step, text)
+
+    def _flush(self, trainer: pl.Trainer, held: bool = False) -> None:
+        if held:
+            for step, metrics, texts in self._held:
+                self._scalars.add(trainer, metrics, step)
+                for text in texts:
+                    log_text(trainer, "phase/transitions", step, text)
+            self._held = []
+        self._scalars.flush(trainer)
 
     # -- recording ---------------------------------------------------------------------------------------
     def _meta(self, pl_module: pl.LightningModule) -> dict:
@@ -213,13 +279,14 @@ class AdapterTrajectory(pl.Callback):
             self._writer.append(step, vectors)
         point = self._online.update(step, vectors)
         events = [ModuleTransition(**dataclasses.asdict(e), module=name) for name, e in point.events]
-        self._scalars.add(trainer, point.now, step)
+        self._add(trainer, point.now, step)
         for at in sorted(point.lagged):  # per tag, steps still arrive in increasing order
-            self._scalars.add(trainer, point.lagged[at], at)
+            self._add(trainer, point.lagged[at], at)
+        for event in events:
+            self._add(trainer, {f"phase/{event.module}/transition_step": float(event.step)}, event.step,
+                      [f"{event.module}: turn at step {event.step} (local cosine {event.local_cosine:.3f} at "
+                       f"k={event.k}), detected at step {event.detected_step}"])
         if events:
             self._scalars.flush(trainer)
         for event in events:
-            log_scalars(trainer, {f"phase/{event.module}/transition_step": float(event.step)}, event.step)
-            log_text(trainer, "phase/transitions", event.step, f"{event.module}: turn at step {event.step} (local "
-                     f"cosine {event.local_cosine:.3f} at k={event.k}), detected at step {event.detected_step}")
             announce(trainer, "on_phase_transition", pl_module, event)

@@ -52,6 +52,7 @@ class OnlineTrajectory:
         self.last_a: dict[str, Tensor] = {}
         self.cum_rotation: dict[str, float] = {}
         self.detectors: dict[str, TransitionDetector] = {}
+        self.last_now: dict[str, float] = {}  # the last point's ``now`` values (a resumed run logs them again)
 
     @property
     def last_step(self) -> int | None:
@@ -102,6 +103,7 @@ class OnlineTrajectory:
             if event is not None:
                 out.events.append((n, event))
         out.now = {k: v for k, v in out.now.items() if v == v}
+        self.last_now = dict(out.now)
         return out
 
     def state_dict(self) -> dict:
@@ -111,6 +113,7 @@ class OnlineTrajectory:
             "last_a": {n: v.float() for n, v in self.last_a.items()},
             "cum_rotation": dict(self.cum_rotation),
             "detectors": {n: d.state_dict() for n, d in self.detectors.items()},
+            "last_now": dict(self.last_now),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -118,6 +121,7 @@ class OnlineTrajectory:
         self.window.extend((int(s), {n: _f64(v) for n, v in vs.items()}) for s, vs in state["window"])
         self.last_a = {n: _f64(v) for n, v in state["last_a"].items()}
         self.cum_rotation = dict(state["cum_rotation"])
+        self.last_now = dict(state.get("last_now", {}))  # absent in checkpoints written before it existed
         self.detectors = {}
         for name, det_state in state["detectors"].items():
             self.detectors[name] = TransitionDetector(**self.detector_args)

@@ -11,7 +11,10 @@ Layout of a trajectory directory (``<run_dir>/trajectory/``)::
 The index is the source of truth: a record exists when its index line is complete. A crash mid-write leaves
 at most a torn index line and/or data bytes past the last indexed record; readers ignore both, and a writer
 reopening the directory cuts them off. Appending never rewrites history (fixed-size records, so offsets
-follow from the record number).
+follow from the record number). A data file holding fewer records than the index (truncated or damaged:
+no process crash does that) makes a reopening writer copy the folder to ``<dir>.damaged-N`` first, then cut
+every file to the last complete record (``TrajectoryWriter.damage`` says what happened); steps a resumed
+run cannot record again are listed in meta.json's ``"gaps"``.
 
 What a record holds (``meta["kind"]``):
 - ``"vectors"`` (rank-1 LoRA): the raw factors, a = A[0] (d_in) and b = B[:, 0] (d_out). The adapter of
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -100,6 +104,22 @@ def _complete(directory: Path, modules: dict, n: int) -> int:
     return n
 
 
+def _short_files(directory: Path, modules: dict, n: int) -> list[str]:
+    """Data files holding fewer than n complete records."""
+    return [path.name for name, dims in modules.items()
+            for path, d in zip(_data_files(directory, name), (dims["d_in"], dims["d_out"]))
+            if (path.stat().st_size if path.is_file() else 0) // (d * _F32) < n]
+
+
+def _keep_copy(directory: Path) -> Path:
+    """Copy a damaged trajectory folder beside it (``trajectory.damaged-N``) before it is cut."""
+    n = 1
+    while (copy := directory.with_name(f"{directory.name}.damaged-{n}")).exists():
+        n += 1
+    shutil.copytree(directory, copy)
+    return copy
+
+
 def read_trajectory(directory: Path | str) -> Trajectory:
     """Read every complete record. Safe on a running run (reads the index first, then only indexed
     bytes) and after a crash (a torn last record is ignored). Accepts a run directory too."""
@@ -144,7 +164,16 @@ class TrajectoryWriter:
         self.fsync = fsync
         old = _read_meta(self.directory)
         steps, _ = _read_index(self.directory)
-        steps = steps[: _complete(self.directory, old.get("modules", {}), len(steps))]
+        complete = _complete(self.directory, old.get("modules", {}), len(steps))
+        self.damage: str | None = None  # what a damaged trajectory lost when this writer opened it
+        if complete < len(steps):
+            short = _short_files(self.directory, old["modules"], len(steps))
+            copy = _keep_copy(self.directory)
+            kept = f"steps {steps[0]}-{steps[complete - 1]}" if complete else "no record"
+            self.damage = (f"{', '.join(short)}: fewer records than the index's {len(steps)} (truncated or damaged); "
+                           f"the trajectory keeps its {complete} complete record(s) ({kept}); the damaged files "
+                           f"are kept in {copy}")
+        steps = steps[:complete]
         if steps and old.get("kind", meta.get("kind")) != meta.get("kind", old.get("kind")):
             raise ValueError(f"{self.directory} holds {old['kind']!r} records; cannot append {meta['kind']!r} ones")
         self.meta = {**old, **meta}
@@ -159,6 +188,11 @@ class TrajectoryWriter:
     @property
     def steps(self) -> list[int]:
         return list(self._steps)
+
+    def note_gap(self, first: int, last: int, reason: str) -> None:
+        """Record in meta.json that steps ``first``..``last`` are missing and will not be recorded."""
+        self.meta.setdefault("gaps", []).append({"first_step": int(first), "last_step": int(last), "reason": reason})
+        _write_json_atomic(self.directory / META, self.meta)
 
     def append(self, step: int, vectors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Write the record of ``step`` (greater than every recorded step): {module: (a, b)} 1-D vectors
@@ -211,8 +245,9 @@ class TrajectoryWriter:
                     else:
                         path.unlink()
         self._steps = self._steps[:keep]
-        if not keep and "modules" in self.meta:
-            del self.meta["modules"]
+        if not keep and ("modules" in self.meta or "gaps" in self.meta):
+            self.meta.pop("modules", None)
+            self.meta.pop("gaps", None)
             _write_json_atomic(self.directory / META, self.meta)
 
     def _open(self) -> None:
