@@ -87,7 +87,7 @@ def test_full_run(full_run: Path) -> None:
     assert len(steps) == 1 and abs(steps[0] - TURN) <= 2, md
     assert "Recorded steps: 60" in md and MODULE in md
     for step, value in EM.items():
-        assert f"| {step} | {value:.3f} | {COHERENT[step]:.3f} |" in md
+        assert f"| {step} | {value:.3f} | n/a | n/a | {COHERENT[step]:.3f} |" in md  # no interval logged here
     # metrics around the transition: the eval before (step 20) and after (step 40) it
     assert "0.050 (step 20)" in md and "0.450 (step 40)" in md
     assert "No transition detected" not in md
@@ -156,7 +156,7 @@ def test_logs_without_trajectory(tmp_path: Path) -> None:
     for name in TRAJECTORY_FIGURES:
         assert not (out / name).exists()
     md = (out / "report.md").read_text()
-    assert "| 40 | 0.450 | 0.800 |" in md
+    assert "| 40 | 0.450 | n/a | n/a | 0.800 |" in md
     assert f"phase/{MODULE}/transition_step" in md and "step(s) 31" in md
 
 

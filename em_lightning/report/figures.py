@@ -9,7 +9,8 @@ from pathlib import Path
 from matplotlib import colormaps
 from matplotlib.figure import Figure
 
-from em_lightning.report.analysis import COHERENT_RATE, EM_RATE, LOSS, ModuleAnalysis, RunReport
+from em_lightning.report.analysis import LOSS, ModuleAnalysis, RunReport
+from em_lightning.report.eval_labels import eval_labels
 
 __all__ = ["draw_all"]
 
@@ -169,7 +170,9 @@ def _smooth(values: list[float], window: int) -> list[float]:
 
 
 def draw_metrics(report: RunReport) -> Figure | None:
-    panels = [tag for tag in (LOSS, EM_RATE) if tag in report.scalars]
+    labels = eval_labels(report.run_dir, report.scalars)
+    em_tag, coherent_tag = labels.tag("em_rate"), labels.tag("coherent_rate")
+    panels = [tag for tag in (LOSS, em_tag) if tag in report.scalars]
     if not panels:
         return None
     fig = Figure(figsize=(10, 3.8 * len(panels)), layout="constrained")
@@ -186,11 +189,14 @@ def draw_metrics(report: RunReport) -> Figure | None:
             ax.set_title("Training loss")
         else:
             ax.plot(steps, values, marker="o", color="tab:red", label="EM rate")
-            if COHERENT_RATE in report.scalars:
-                ax.plot(*report.scalars[COHERENT_RATE], marker="s", color="tab:green", label="coherent rate")
+            low, high = (report.scalars.get(labels.tag(k)) for k in ("em_rate_ci95_low", "em_rate_ci95_high"))
+            if low and high and low[0] == high[0]:
+                ax.fill_between(low[0], low[1], high[1], color="tab:red", alpha=0.15, label="95% interval")
+            if coherent_tag in report.scalars:
+                ax.plot(*report.scalars[coherent_tag], marker="s", color="tab:green", label="coherent rate")
             ax.set_ylim(-0.03, 1.03)
             ax.set_ylabel("fraction of answers")
-            ax.set_title("Judged evaluation: EM rate (aligned < 30 and coherent > 50)")
+            ax.set_title(f"Judged evaluation: EM rate ({labels.rule}){labels.suffix}", wrap=True)
         _mark_steps(ax, marks)
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small", loc="best")
