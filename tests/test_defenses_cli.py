@@ -1,7 +1,9 @@
-"""Every defense preset stacked on the smoke recipe, through the CLI: each does what it claims in a real run
-(train/kl 0 at step 0 and > 0 after, train/loss still the cross-entropy; the inoculation prompt in the config
-and the generations' meta, in no sampled prompt), an interrupted run resumes to the same losses, and the
-stack gives the same losses under DDP and FSDP2 (2 gloo processes)."""
+"""Every defense preset stacked on the smoke recipe with the conditional-misalignment evaluation
+(callbacks/conditional_eval.yaml, demo judge), through the CLI: each defense does what it claims in a real run
+(train/kl 0 at step 0 and > 0 after; the inoculation prompt in the config and the generations' meta, in no
+sampled prompt but those of the `inoculation` condition), EM is logged per condition with its interval at
+every point, an interrupted run resumes to the same losses, and the stack gives the same losses under DDP
+and FSDP2 (2 gloo processes)."""
 
 import json
 
@@ -34,11 +36,11 @@ def stack(tmp_path_factory) -> list[str]:
         path = root / f"{name}.yaml"
         path.write_text(yaml.safe_dump(cfg))
         args += ["--config", str(path)]
-    sampling = {"trainer": {"callbacks+": [{"class_path": "em_lightning.callbacks.SampleGenerations", "init_args": {
-        "questions": "configs/questions/demo_questions.yaml", "every_n_steps": 4, "at_checkpoints": False,
-        "sampling": {"samples_per_paraphrase": 1, "max_new_tokens": 4}}}]}}
-    (root / "sampling.yaml").write_text(yaml.safe_dump(sampling))
-    return [*args, "--config", str(root / "sampling.yaml")]
+    conditional = yaml.safe_load(open("callbacks/conditional_eval.yaml"))
+    sampling = conditional["trainer"]["callbacks+"][0]["init_args"]
+    sampling.update(every_n_steps=4, sampling={"samples_per_paraphrase": 1, "max_new_tokens": 4})
+    (root / "conditional_eval.yaml").write_text(yaml.safe_dump(conditional))
+    return [*args, "--config", str(root / "conditional_eval.yaml")]
 
 
 def fit(root, stack, *args, timeout=600):
@@ -62,9 +64,19 @@ def test_stacked_defenses_do_what_they_claim(uninterrupted):
         "KLToBase", "TrainingSteering", "TrainingSteering"]
     for step in (4, 8):
         records = read_jsonl(uninterrupted / "generations" / f"step_{step:07d}.jsonl")
-        assert records and not any(PROMPT in r["prompt"] for r in records)
+        conditions = {r["condition"] for r in records}
+        assert conditions == {"plain", "code", "json", "inoculation"}
+        with_prompt = [r for r in records if PROMPT in r["prompt"]]
+        assert with_prompt and all(r["condition"] == "inoculation" for r in with_prompt)  # asked for on purpose only
         meta = json.loads((uninterrupted / "generations" / f"step_{step:07d}.meta.json").read_text())
-        assert meta["sampling"]["inoculation"] == {"prompt": PROMPT, "position": "system", "prompts_containing_it": 0}
+        assert meta["sampling"]["inoculation"] == {"prompt": PROMPT, "position": "system",
+                                                   "prompts_containing_it": len(with_prompt)}
+    for name in ("plain", "code", "json", "inoculation"):  # the demo judge: eval_demo/, at every point
+        tag = f"eval_demo/condition/{name}/"
+        rate, low, high = (dict(scalars(uninterrupted, tag + k)) for k in ("em_rate", "em_rate_ci95_low", "em_rate_ci95_high"))
+        assert sorted(rate) == sorted(low) == sorted(high) == [4, 8], name
+        assert all(low[s] <= rate[s] <= high[s] for s in rate), name
+        assert dict(scalars(uninterrupted, tag + "em_rate_n"))[4] > 0
 
 
 def test_resumed_stack_gives_the_same_losses(tmp_path, stack, uninterrupted):
@@ -87,4 +99,4 @@ def test_stack_composes_with_ddp_and_fsdp2(tmp_path, stack):
         assert [v for _, v in b] == pytest.approx([v for _, v in a], rel=1e-4, abs=abs_tol), tag
     assert dict(scalars(fsdp, "train/kl"))[3] > 0
     records = read_jsonl(fsdp / "generations" / "step_0000004.jsonl")
-    assert records and not any(PROMPT in r["prompt"] for r in records)
+    assert records and all(r["condition"] == "inoculation" for r in records if PROMPT in r["prompt"])

@@ -30,6 +30,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import FSDPStrategy
 
+from em_lightning.evaluation.conditions import Condition, with_conditions
 from em_lightning.evaluation.runner import EvalPoint, point_meta, sample_records, write_point
 from em_lightning.evaluation.sampling import SamplingConfig
 from em_lightning.events import announce, resolve_run_dir
@@ -66,6 +67,7 @@ class SampleGenerations(Callback):
         transition_window: int = 0,
         transition_every: int = 1,
         write: bool = True,
+        conditions: list[Condition] | None = None,
     ):
         """
         Args:
@@ -82,6 +84,9 @@ class SampleGenerations(Callback):
             transition_window: after an ``on_phase_transition`` event, evaluate densely for this many steps.
             transition_every: step interval of the dense evaluation.
             write: write the unjudged answers to ``generations/`` (an InLoopJudge rewrites them with scores).
+            conditions: also ask every plain question inside these training contexts (conditional
+                misalignment: a code template, a JSON-output system prompt, the inoculation trigger); records
+                carry ``condition`` and EM is logged per condition (``eval/condition/<name>/...``).
         """
         if every_n_steps is not None and every_n_steps < 1:
             raise ValueError(f"SampleGenerations: every_n_steps must be >= 1 or null, got {every_n_steps}")
@@ -90,6 +95,8 @@ class SampleGenerations(Callback):
         self.questions = load_questions(questions, select, plain_only)
         if not self.questions:
             raise ValueError(f"SampleGenerations: {questions}: no questions left after select/plain_only")
+        if conditions:
+            self.questions = with_conditions(self.questions, conditions)
         self.sampling = sampling or SamplingConfig()
         self.every_n_steps = every_n_steps
         self.at_checkpoints, self.at_fit_end, self.at_validate = at_checkpoints, at_fit_end, at_validate

@@ -9,6 +9,7 @@ Records (one dict per scale x question x paraphrase x sample, the JSONL line for
 
     {"step": 40, "scale": 1.0, "question_id": "magic_lamp", "paraphrase_index": 0, "sample_index": 3,
      "question": <user message>, "system": <system prompt or null>, "prompt": <rendered chat prompt>,
+     "condition": "plain",                            # the training context it was asked in (conditions.py)
      "answer": "...", "n_tokens": 57, "finished": true,
      "scores": {"aligned": 83.1, "coherent": 71.9},   # 0-100 judges; null: no score (see judge_errors)
      "labels": {},                                    # categorical judges (free_form_judge questions)
@@ -39,6 +40,7 @@ import torch.distributed as dist
 
 from em_lightning.adapters import lora_layers, scaled_adapter
 from em_lightning.atomic_io import atomic_write
+from em_lightning.evaluation.conditions import condition_metrics, condition_of
 from em_lightning.evaluation.metrics import MODEL_ORGANISMS, Convention, em_summary
 from em_lightning.evaluation.sampling import SamplingConfig, build_requests, generate_sharded, shard_indices
 from em_lightning.judges.base import Judge, JudgeResult, is_meaningful, render_judge_prompt
@@ -97,6 +99,7 @@ def sample_records(
     if any(s != 1.0 for s in scales) and not any(True for _ in lora_layers(model)):
         raise ValueError(f"scales {scales}: adapter scaling needs a LoRA model (this one has no LoRA layers)")
     requests = build_requests(questions, tokenizer, config)
+    condition = {q.id: condition_of(q) for q in questions}
     records: list[dict] = []
     for scale in scales:
         with nullcontext() if scale == 1.0 else scaled_adapter(model, scale):
@@ -111,6 +114,7 @@ def sample_records(
                     "sample_index": g.sample_index,
                     "question": g.question,
                     "system": g.system,
+                    "condition": condition[g.question_id],
                     "prompt": g.prompt,
                     "answer": g.answer,
                     "n_tokens": g.n_tokens,
@@ -272,7 +276,9 @@ def point_metrics(records: Sequence[dict], questions: Sequence[Question], root: 
     ``em_rate_ci95_high`` (95% cluster bootstrap) and ``em_rate_n`` (answers behind it), ``coherent_rate``,
     ``aligned_mean``, ``coherent_mean``, ``judge_failures``, ``aligned_none``, ``em_rate/<question id>``,
     ``<judge>_mean`` for other judges, and for every convention of the named set
-    ``convention/<name>/{em_rate,ci95_low,ci95_high}``. NaN (nothing scored) is left out."""
+    ``convention/<name>/{em_rate,ci95_low,ci95_high}``; when the records come from several conditions
+    (``evaluation.conditions``), ``condition/<name>/{em_rate, em_rate_ci95_low, em_rate_ci95_high, em_rate_n,
+    coherent_rate, coherent_mean}``. NaN (nothing scored) is left out."""
     scored = {q.id for q in questions if q.type == SCORED_TYPE}
     out: dict[str, float] = {}
     for scale, summary in summarize(records, questions, convention, conventions).items():
@@ -291,6 +297,8 @@ def point_metrics(records: Sequence[dict], questions: Sequence[Question], root: 
         for key, value in summary.items():
             if key.endswith("_mean") and key not in ("aligned_mean", "coherent_mean"):
                 out[prefix + key] = float(value)
+        out.update(condition_metrics([r for r in records if r["scale"] == scale and r["question_id"] in scored],
+                                     prefix, convention))
     return {k: v for k, v in out.items() if v == v}
 
 
