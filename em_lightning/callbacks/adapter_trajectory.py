@@ -91,6 +91,7 @@ class AdapterTrajectory(pl.Callback):
         self._held: list[tuple[int, dict[str, float], list[str]]] = []  # (step, scalars, texts) before _ckpt_step
         self._ckpt_step: int | None = None  # step of the newest checkpoint (saved, or resumed from)
         self._relogged = False
+        self._grad_norms: tuple[int, dict[str, float]] | None = None  # of the optimizer step under way
         self._restored = False
         self._reset()
 
@@ -160,13 +161,18 @@ class AdapterTrajectory(pl.Callback):
             flat = torch.cat([full(g.detach()).reshape(-1) for _, g in grads]).float().cpu().numpy()
             bounds = np.cumsum([0] + [g.numel() for _, g in grads])
             norms = {tag: float(np.linalg.norm(flat[i:j])) for (tag, _), i, j in zip(grads, bounds[:-1], bounds[1:])}
-            self._scalars.add(trainer, norms, trainer.global_step)
+            # Logged once the step is done (on_train_batch_end): a step that EMFineTune stops as non-finite
+            # never reaches that hook, so its NaN norms never reach the curves.
+            self._grad_norms = (trainer.global_step, norms)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
         if self._dir is None or step == self._seen_step:
             return  # no adapter, or mid gradient accumulation: the optimizer has not stepped
         self._seen_step = step
+        if self._grad_norms is not None:
+            self._add(trainer, self._grad_norms[1], self._grad_norms[0])
+            self._grad_norms = None
         if step % self.every_n_steps == 0:
             self._record(trainer, pl_module, step)
 
