@@ -3,11 +3,12 @@ rotations, lagged cosines, local cosines at k = 5, 10, 15, one detector per modu
 shapes, against the former code: phase/online.py, rotation.py and detector.py as they were at commit
 ``--former`` (default 11e6bee~1, before "one rotation.py call per metric for all modules"), read with
 ``git show`` into a temporary package. Both run on the same points in lockstep (their order alternating
-point by point, so drifting load hits both alike), their outputs are checked equal, one thread.
+point by point, so drifting load hits both alike), their outputs are checked equal, one thread. Times are CPU
+seconds of this process (what the work costs; a shared machine's other load inflates wall time, printed too).
 
     python scripts/bench_online_metrics.py [--points 60] [--former 11e6bee~1]
 
-Last line: ``ratio: X.XXx`` = former / current time per point, for the largest shape (196 modules x 3584:
+Last line: ``ratio: X.XXx`` = former / current CPU time per point, for the largest shape (196 modules x 3584:
 rank-32 all-linear on a 7B model's B directions).
 """
 
@@ -56,25 +57,26 @@ def same(a, b) -> bool:
             and [(n, e.step) for n, e in a.events] == [(n, e.step) for n, e in b.events])
 
 
-def time_per_point(former_cls, modules: int, size: int, points: int) -> tuple[float, float]:
-    """(current, former) seconds per point once the window is full, the two updated in lockstep."""
+def time_per_point(former_cls, modules: int, size: int, points: int) -> dict[str, tuple[float, float]]:
+    """{side: (CPU, wall) seconds per point} once the window is full, the two sides updated in lockstep."""
     g = torch.Generator().manual_seed(0)
     series = [{f"m{i}": (torch.randn(size, generator=g), torch.randn(size, generator=g)) for i in range(modules)}
               for _ in range(points)]
     sides = {"current": OnlineTrajectory((5, 10, 15), {}), "former": former_cls((5, 10, 15), {})}
-    elapsed = {"current": 0.0, "former": 0.0}
+    elapsed = {"current": [0.0, 0.0], "former": [0.0, 0.0]}
     for step, vectors in enumerate(series):
         order = ("current", "former") if step % 2 == 0 else ("former", "current")
         out = {}
         for side in order:
-            start = time.perf_counter()
+            cpu, wall = time.process_time(), time.perf_counter()
             out[side] = sides[side].update(step, vectors)
             if step >= points // 2:  # a full window
-                elapsed[side] += time.perf_counter() - start
+                elapsed[side][0] += time.process_time() - cpu
+                elapsed[side][1] += time.perf_counter() - wall
         if not same(out["current"], out["former"]):
             raise SystemExit(f"step {step}: the former and current metrics differ; nothing to compare")
     n = points - points // 2
-    return elapsed["current"] / n, elapsed["former"] / n
+    return {side: (c / n, w / n) for side, (c, w) in elapsed.items()}
 
 
 def main() -> None:
@@ -89,8 +91,10 @@ def main() -> None:
               f"({subprocess.run(['git', 'rev-parse', '--short', args.former], cwd=REPO, capture_output=True, text=True).stdout.strip()}); "
               f"one thread, {args.points} points, timed over the last {args.points - args.points // 2}")
         for modules, size in SHAPES:
-            now, before = time_per_point(former.OnlineTrajectory, modules, size, args.points)
-            print(f"{modules:4d} modules x {size}: {now * 1e3:7.2f} ms per point (former {before * 1e3:7.2f} ms)")
+            t = time_per_point(former.OnlineTrajectory, modules, size, args.points)
+            (now, now_wall), (before, before_wall) = t["current"], t["former"]
+            print(f"{modules:4d} modules x {size}: {now * 1e3:7.2f} ms CPU per point (former {before * 1e3:7.2f} ms); "
+                  f"wall {now_wall * 1e3:.2f} ms (former {before_wall * 1e3:.2f} ms)")
     print(f"ratio: {before / now:.2f}x")
 
 

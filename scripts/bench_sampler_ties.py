@@ -1,11 +1,12 @@
 """Drawing one token per row from bf16-rounded logits with top_k 50: the sampler against its former rule,
 which sent every row whose k-th and (k+1)-th scores tie to the full-vocabulary path (bf16 logits tie
 there in most rows). Logits only, no model: 64 rows x 49,152 (SmolLM2's vocabulary), one thread. The two rules alternate in
-rounds of ``--calls`` calls (drifting load hits both alike); each side's time is its median round.
+rounds of ``--calls`` calls (drifting load hits both alike); each side's time is its median round, in CPU
+seconds of this process (what the work costs; a shared machine's other load inflates wall time, printed too).
 
     python scripts/bench_sampler_ties.py [--rows 64] [--vocab 49152] [--calls 10] [--rounds 10]
 
-Last line: ``ratio: X.XXx`` = former time per call / current time per call (medians).
+Last line: ``ratio: X.XXx`` = former CPU time per call / current CPU time per call (medians).
 """
 
 from __future__ import annotations
@@ -21,11 +22,12 @@ from em_lightning import decoding
 from em_lightning.decoding import DecodeSettings, candidate_groups, sample_tokens
 
 
-def per_call(scores, uniforms, s, calls) -> float:
-    start = time.perf_counter()
+def per_call(scores, uniforms, s, calls) -> tuple[float, float]:
+    """(CPU seconds, wall seconds) per call."""
+    cpu, wall = time.process_time(), time.perf_counter()
     for _ in range(calls):
         sample_tokens(scores, uniforms, s)
-    return (time.perf_counter() - start) / calls
+    return (time.process_time() - cpu) / calls, (time.perf_counter() - wall) / calls
 
 
 @contextlib.contextmanager
@@ -68,14 +70,17 @@ def main() -> None:
             else:
                 with former_rule():
                     before.append(per_call(scores, uniforms, s, args.calls))
-    now_ms, before_ms = statistics.median(now) * 1e3, statistics.median(before) * 1e3
+    def ms(runs, i):
+        return statistics.median(r[i] for r in runs) * 1e3
+
     print(f"{args.rows} rows x {args.vocab} bf16-rounded logits, top_k 50, one thread, "
-          f"{args.rounds} alternating rounds of {args.calls} calls per side")
-    print(f"current (slack {decoding.TIE_SLACK}): {now_ms:.1f} ms per call (median; rounds "
-          f"{min(now) * 1e3:.1f}-{max(now) * 1e3:.1f}), {full} rows on the full vocabulary")
-    print(f"former (k + 1 fetched): {before_ms:.1f} ms per call (median; rounds "
-          f"{min(before) * 1e3:.1f}-{max(before) * 1e3:.1f}), {former_full} rows on the full vocabulary")
-    print(f"ratio: {before_ms / now_ms:.2f}x")
+          f"{args.rounds} alternating rounds of {args.calls} calls per side (medians)")
+    print(f"current (slack {decoding.TIE_SLACK}): {ms(now, 0):.1f} ms CPU per call ({ms(now, 1):.1f} ms wall), "
+          f"{full} rows on the full vocabulary")
+    print(f"former (k + 1 fetched): {ms(before, 0):.1f} ms CPU per call ({ms(before, 1):.1f} ms wall), "
+          f"{former_full} rows on the full vocabulary")
+    print(f"wall-time ratio {ms(before, 1) / ms(now, 1):.2f}x")
+    print(f"ratio: {ms(before, 0) / ms(now, 0):.2f}x")
 
 
 if __name__ == "__main__":
