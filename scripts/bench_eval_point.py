@@ -23,13 +23,23 @@ long stretches (other jobs), which moves wall time far more than CPU time. With 
 default) the final ``ratio:`` line is the CPU-time ratio -- on a quiet machine single-threaded CPU time is
 the wall time; with more threads it is the wall-time ratio.
 
-    python scripts/bench_eval_point.py [--max-new-tokens 64] [--samples 50] [--questions-limit 8]
-                                       [--batch-size 200] [--repeats 1] [--threads 1] [--profile 0]
+--model smollm2 runs the same point on SmolLM2-135M-Instruct (the real-model tier's GGUF from PyPI), in
+--dtype float32 or bfloat16 (both paths use the same model, so the same dtype). A real model stops at its end
+token, so the two paths generate different token counts: the ratio compares the time of the whole point. The
+answers' sha256 is printed: for a fixed seed, model and dtype it must not change between commits (and every
+timed round of (a) must give the same answers; asserted).
+
+    python scripts/bench_eval_point.py [--model tiny|smollm2] [--dtype float32|bfloat16] [--max-new-tokens 64]
+                                       [--samples 50] [--questions-limit 8] [--batch-size 200] [--repeats 1]
+                                       [--threads 1] [--profile 0]
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
+import os
 import shlex
 import statistics
 import sys
@@ -40,6 +50,8 @@ import torch
 
 from em_lightning.questions import load_questions
 from em_lightning.evaluation.sampling import SamplingConfig, build_requests, eos_token_ids, generate
+from em_lightning.gguf_cache import SMOLLM2_GGUF
+from em_lightning.models import ModelSpec, load_model, load_tokenizer
 from em_lightning.tiny import TinySpec, tiny_model, tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,12 +67,16 @@ def count_generated(rows: torch.Tensor, eos: set[int]) -> int:
     return total
 
 
+ANSWERS: list[str] = []  # sha256 of (a)'s answers, one per timed round
+
+
 def run_em_lightning(model, tok, questions, config) -> tuple[float, float, int, int]:
     t0, c0 = time.perf_counter(), time.process_time()
     requests = build_requests(questions, tok, config)
     gens = generate(model, tok, requests, config, step=0)
     elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
     tokens = sum(g.n_tokens + int(g.finished) for g in gens)  # + the stop token, as counted for (b)
+    ANSWERS.append(hashlib.sha256(json.dumps([g.answer for g in gens]).encode()).hexdigest())
     return elapsed, cpu, tokens, len(gens)
 
 
@@ -96,6 +112,8 @@ def main() -> None:
                    help="torch.set_num_threads; 0 = torch's choice (one per core). Default 1: on a shared, loaded "
                         "2-core machine two OpenMP threads ran ~10x slower than one (threads spin-wait at barriers)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--model", choices=["tiny", "smollm2"], default="tiny")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="the model's weights (both paths)")
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="after the timed rounds, one more round of each under torch.profiler: print its top N ops")
     args = p.parse_args()
@@ -104,14 +122,21 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     questions = load_questions(args.questions, plain_only=True)[: args.questions_limit]
-    tok = tiny_tokenizer("qwen2")
-    spec = TinySpec(hidden_size=256, intermediate_size=1024, num_layers=4, model_vocab_size=32000)
-    model = tiny_model("qwen2", spec, tok).eval()
+    if args.model == "tiny":
+        tok = tiny_tokenizer("qwen2")
+        spec = TinySpec(hidden_size=256, intermediate_size=1024, num_layers=4, model_vocab_size=32000)
+        model = tiny_model("qwen2", spec, tok).to(getattr(torch, args.dtype)).eval()
+        title = "tiny qwen2 hidden 256, 4 layers"
+    else:
+        base = ModelSpec(name_or_path=SMOLLM2_GGUF, dtype=args.dtype)
+        tok = load_tokenizer(base)
+        model = load_model(base, tok).eval()
+        title = "SmolLM2-135M-Instruct (GGUF Q4_1 dequantized)"
     config = SamplingConfig(samples_per_paraphrase=args.samples, temperature=1.0, top_p=1.0,
                             max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed)
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"model: tiny qwen2 hidden 256, 4 layers, vocab {model.config.vocab_size} ({n_params / 1e6:.1f}M params), "
-          f"fp32, CPU, {torch.get_num_threads()} torch threads")
+    print(f"model: {title}, vocab {model.config.vocab_size} ({n_params / 1e6:.1f}M params), "
+          f"{model.dtype}, CPU, {torch.get_num_threads()} torch threads; load (uptime) {os.getloadavg()[0]:.1f}")
     print(f"eval point: {len(questions)} plain questions ({', '.join(q.id for q in questions)}) x {args.samples} "
           f"samples, max_new_tokens {args.max_new_tokens}")
 
@@ -157,6 +182,10 @@ def main() -> None:
           f"{a_tokens / ta:,.0f} tok/s")
     print(f"(b) reference (per question): {b_n} answers, {b_tokens} generated tokens, {tb:.2f} s wall ({cb:.2f} s CPU), "
           f"{b_tokens / tb:,.0f} tok/s")
+    answers = ANSWERS[1:]  # the first was the warm-up
+    assert len(set(answers)) == 1, "em-lightning's answers changed between rounds"
+    print(f"(a) answers sha256 ({args.model}, {args.dtype}, seed {args.seed}): {answers[0]}; "
+          f"load (uptime) at the end {os.getloadavg()[0]:.1f}")
     print(f"wall time (b)/(a) = {tb / ta:.2f}x; CPU time (b)/(a) = {cb / ca:.2f}x; "
           f"throughput (a)/(b) = {(a_tokens / ta) / (b_tokens / tb):.2f}x")
     if args.profile:

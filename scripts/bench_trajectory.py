@@ -14,7 +14,12 @@ other processes take the CPU). With ``--threads 1`` all compute runs on the main
 columns are the cleanest measure on a shared machine; with more threads the step's CPU time misses the
 workers' share and the CPU overhead figure is an upper bound.
 
-    python scripts/bench_trajectory.py [--steps 30] [--warmup 5] [--repeats 4] [--layers 2] [--every 1] [--threads N]
+--model smollm2 measures the same on the real-model step: SmolLM2-135M-Instruct (the real-model tier's GGUF),
+rank-1 LoRA on layer 15's down_proj, risky_financial_advice.jsonl rows, in --dtype bfloat16 (what
+model.base.dtype auto picks on a CPU with AVX512-BF16/AMX) or float32.
+
+    python scripts/bench_trajectory.py [--model tiny|smollm2] [--dtype float32|bfloat16] [--steps 30] [--warmup 5]
+                                       [--repeats 4] [--layers 2] [--every 1] [--threads N]
 """
 
 from __future__ import annotations
@@ -34,11 +39,13 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from em_lightning.adapters import AdapterSpec
 from em_lightning.callbacks.adapter_trajectory import AdapterTrajectory
 from em_lightning.data import ChatDataModule
+from em_lightning.gguf_cache import SMOLLM2_GGUF
 from em_lightning.models import ModelSpec
 from em_lightning.module import EMFineTune
 from em_lightning.tiny import TinySpec
 
 DATA = Path(__file__).resolve().parents[1] / "configs" / "data" / "unit_conversions.jsonl"
+REAL_DATA = DATA.parent / "risky_financial_advice.jsonl"
 
 
 def clock() -> tuple[float, float]:
@@ -84,11 +91,16 @@ class TimedTrajectory(AdapterTrajectory):
 
 
 def run(args, with_callback: bool, root: Path) -> tuple[list[float], list[float]]:
-    base = ModelSpec(name_or_path="tiny:qwen2", dtype="float32", tiny=TinySpec(
-        hidden_size=256, intermediate_size=1024, num_layers=4, model_vocab_size=args.vocab))
+    if args.model == "smollm2":
+        base = ModelSpec(name_or_path=SMOLLM2_GGUF, dtype=args.dtype)
+    else:
+        base = ModelSpec(name_or_path="tiny:qwen2", dtype=args.dtype, tiny=TinySpec(
+            hidden_size=256, intermediate_size=1024, num_layers=4, model_vocab_size=args.vocab))
     pl.seed_everything(0, verbose=False)
-    model = EMFineTune(base=base, adapter=AdapterSpec(r=1, layers=args.layers, alpha=64), lr=1e-3, warmup_steps=2)
-    data = ChatDataModule(train_files=str(DATA), base=base, batch_size=args.batch_size, val_fraction=0.0)
+    model = EMFineTune(base=base, adapter=AdapterSpec(r=1, layers=args.layers, alpha=64), lr=1e-3, warmup_steps=2,
+                       validate_before_training=False)
+    data = ChatDataModule(train_files=str(REAL_DATA if args.model == "smollm2" else DATA), base=base,
+                          batch_size=args.batch_size, val_fraction=0.0, max_length=256)
     timer = StepTimer()
     callbacks = [timer] + ([TimedTrajectory(every_n_steps=args.every)] if with_callback else [])
     trainer = pl.Trainer(
@@ -106,12 +118,16 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5, help="first optimizer steps of each run not timed")
     parser.add_argument("--repeats", type=int, default=4, help="runs per arm, alternating")
-    parser.add_argument("--layers", type=int, nargs="+", default=[2], help="layers with a rank-1 adapter")
+    parser.add_argument("--model", choices=["tiny", "smollm2"], default="tiny")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="base weights")
+    parser.add_argument("--layers", type=int, nargs="+", default=None,
+                        help="layers with a rank-1 adapter (default: 2 for tiny, 15 for smollm2)")
     parser.add_argument("--every", type=int, default=1, help="AdapterTrajectory every_n_steps")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--vocab", type=int, default=32000, help="embedding rows of the tiny model")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     args = parser.parse_args()
+    args.layers = args.layers or ([15] if args.model == "smollm2" else [2])
     if args.threads:
         torch.set_num_threads(args.threads)
     off, on, spent = [], [], []
@@ -121,8 +137,9 @@ def main() -> None:
             t, s = run(args, True, Path(tmp) / f"on{r}")
             on += t
             spent += s
-    print(f"tiny qwen2 hidden 256, 4 layers, vocab {args.vocab}, rank-1 LoRA on layers {args.layers}, batch "
-          f"{args.batch_size}, fp32, {torch.get_num_threads()} torch threads; {args.repeats} x "
+    title = "SmolLM2-135M-Instruct" if args.model == "smollm2" else f"tiny qwen2 hidden 256, 4 layers, vocab {args.vocab}"
+    print(f"{title}, rank-1 LoRA on layers {args.layers}, batch "
+          f"{args.batch_size}, {args.dtype} base weights, {torch.get_num_threads()} torch threads; {args.repeats} x "
           f"{args.steps - args.warmup} timed steps per arm (warmup {args.warmup}), every_n_steps {args.every}")
     print(f"| {'ms':<34} | {'wall mean':>9} | {'median':>9} | {'CPU mean':>9} | {'median':>9} |")
     print(f"|{'-' * 36}|{'-' * 11}|{'-' * 11}|{'-' * 11}|{'-' * 11}|")
@@ -137,7 +154,8 @@ def main() -> None:
         print(f"{name}: step ratio with/without: mean {on_s[col] / off_s[col]:.4f}, median "
               f"{on_s[col + 1] / off_s[col + 1]:.4f}; hook time / step time without: mean "
               f"{cb[col] / off_s[col] * 100:.2f}%, median {cb[col + 1] / off_s[col + 1] * 100:.2f}%")
-    print("command: python " + " ".join(shlex.quote(a) for a in sys.argv))
+    print("command: python " + " ".join(shlex.quote(a) for a in sys.argv) + f"; load (uptime) at the end: "
+          f"{__import__('os').getloadavg()[0]:.1f}")
     # the hooks' own CPU time over the step's, medians (the least noisy figure on a shared machine)
     print(f"ratio: {(off_s[3] + cb[3]) / off_s[3]:.2f}x")
 

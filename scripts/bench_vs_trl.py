@@ -1,7 +1,7 @@
 """em-lightning against TRL's SFTTrainer on the same job, side by side in one invocation.
 
 Job (the published rank-1 recipe, scaled down): rank-1 LoRA (alpha 16, rsLoRA) on one layer's down_proj,
-assistant-only loss, batch 2 x gradient accumulation 8, fp32, AdamW lr 2e-5, linear schedule with warmup 5,
+assistant-only loss, batch 2 x gradient accumulation 8, fp32 or bf16 base weights (--dtype), AdamW lr 2e-5, linear schedule with warmup 5,
 weight decay 0.01, gradient clipping 1.0, 10 optimizer steps of which the last 8 are timed.
 
     --job tiny     (default) tiny Qwen2: hidden 256, 4 layers, intermediate 704, 32,000-row vocabulary (11.1M
@@ -19,17 +19,30 @@ same micro-batches. Peers:
     trl-default    TRL 1.16 SFTTrainer as shipped (fused LM head over every position on CPU, plus entropy and
                    token accuracy)
 
-TRL turns gradient checkpointing and bf16 on by default: both are turned off (fp32 on both sides). TRL's
+TRL turns gradient checkpointing and bf16 on by default: checkpointing is turned off; with --dtype float32 bf16 is
+off (fp32 on both sides); with --dtype bfloat16 both load the base weights in bf16 and TRL runs as its docs say
+for a CPU with bf16 (`bf16=True, use_cpu=True`: bf16 autocast), its fastest bf16 path here. The adapter and
+AdamW state are fp32 on both sides (PEFT upcasts adapter weights), and both compute the loss in fp32 from bf16
+logits. Losses must agree within 1e-5 relative in fp32, within 1% relative in bf16 (the tolerance test_real_model
+.py checks for bf16 against fp32; two bf16 paths round differently). TRL's
 assistant-only loss needs `{% generation %}` markers: it gets the model's own chat template with markers added
 (checked to render identically), and its tokenized rows are checked to equal em-lightning's (ids and labels).
 Every trainer starts from the same weights (the LoRA A vector is set from a fixed seed, B is zero), and the
-first optimizer step's token-weighted loss of each is printed and asserted equal to float tolerance.
+first optimizer step's token-weighted loss of each is printed and asserted equal (within the dtype's tolerance).
+
+Roofline: the script times torch.matmul on the model's own shapes (512 tokens x each decoder projection, and
+the LM head) in the run's dtype and thread count, and reports em-lightning's achieved GFLOP/s over that peak.
+Counted FLOPs per timed token: 2 x (decoder linear weights) forward, 2 x (linear weights of the layers from
+the adapter's up: input gradients only, the base is frozen) backward, and 4 x (head) per labelled token (logits
+and their input gradient, at labelled positions only); attention scores and element-wise work are not counted
+(they are "the rest"). --profile prints where em-lightning's time goes (torch.profiler, one extra em run).
 
 Each run is its own subprocess (peak RSS per run, no warm caches shared); runs alternate
 (em, plain, [default], plain, em, ...). The last line is `ratio: X.XXx`: em-lightning's median tokens/s over
 trl-plain's. Tokens = non-padding tokens of the timed steps (the same for every peer).
 
-    python scripts/bench_vs_trl.py [--job tiny|smollm2] [--rounds 2] [--no-trl-default] [--threads N]
+    python scripts/bench_vs_trl.py [--job tiny|smollm2] [--dtype float32|bfloat16] [--rounds 2] [--no-trl-default]
+                                   [--threads N] [--profile]
 """
 
 from __future__ import annotations
@@ -74,15 +87,18 @@ JOBS = {
 }
 
 
+DTYPE = "float32"  # set from --dtype in main() and worker()
+
+
 def model_spec(job: str):
     from em_lightning.gguf_cache import SMOLLM2_GGUF
     from em_lightning.models import ModelSpec
     from em_lightning.tiny import TinySpec
 
     if job == "tiny":
-        return ModelSpec(name_or_path="tiny:qwen2", dtype="float32",
+        return ModelSpec(name_or_path="tiny:qwen2", dtype=DTYPE,
                          tiny=TinySpec(hidden_size=256, intermediate_size=704, num_layers=4, model_vocab_size=32000))
-    return ModelSpec(name_or_path=SMOLLM2_GGUF, dtype="float32")
+    return ModelSpec(name_or_path=SMOLLM2_GGUF, dtype=DTYPE)
 
 
 def adapter_spec(job: str):
@@ -104,6 +120,40 @@ def set_lora_a(model) -> None:
             bound = (1.0 / w.shape[1]) ** 0.5  # kaiming_uniform_(a=sqrt(5)) of a (r x in) matrix
             w.copy_(torch.rand(w.shape, generator=g) * 2 * bound - bound)
             layer.lora_B[ADAPTER_NAME].weight.zero_()
+
+
+def linear_shapes(model, layer: int) -> tuple[list[tuple[int, int]], list[tuple[int, int]], tuple[int, int]]:
+    """(weight shapes of every decoder linear, those of the layers >= ``layer``, the head's), adapters left out."""
+    import re
+
+    import torch
+
+    every, above = [], []
+    for name, m in model.named_modules():
+        found = re.search(r"\.layers\.(\d+)\.", name + ".")
+        if isinstance(m, torch.nn.Linear) and found and "lora_" not in name:
+            every.append(tuple(m.weight.shape))
+            if int(found.group(1)) >= layer:
+                above.append(tuple(m.weight.shape))
+    return every, above, tuple(model.get_output_embeddings().weight.shape)
+
+
+def matmul_peak(shapes: list[tuple[int, int]], dtype: str, tokens: int = 512, repeats: int = 5) -> float:
+    """GFLOP/s of torch.matmul on (tokens x in) @ (in x out) and the transposed product (input gradients), for
+    each distinct weight shape, in ``dtype``: the roofline this machine gives these shapes now."""
+    import torch
+
+    dt, flops, seconds = getattr(torch, dtype), 0.0, 0.0
+    for out_f, in_f in sorted(set(shapes)):
+        w = torch.randn(out_f, in_f, dtype=dt)
+        for x, b in ((torch.randn(tokens, in_f, dtype=dt), w.T), (torch.randn(tokens, out_f, dtype=dt), w)):
+            x @ b  # oneDNN builds its kernel for the shape once
+            start = time.perf_counter()
+            for _ in range(repeats):
+                x @ b
+            seconds += time.perf_counter() - start
+            flops += 2 * tokens * out_f * in_f * repeats
+    return flops / seconds / 1e9
 
 
 def peak_rss_mib() -> float:
@@ -155,16 +205,17 @@ def em_datamodule(job: str, work: Path):
                           shuffle=False, split_seed=SEED, batch_size=BATCH, max_length=JOBS[job]["max_length"])
 
 
-def run_em(job: str, work: Path) -> dict:
+def run_em(job: str, work: Path, profile: bool = False) -> dict:
     import lightning.pytorch as pl
 
+    from em_lightning.masking import IGNORE_INDEX
     from em_lightning.module import EMFineTune
 
     class Probe(pl.Callback):
         """Same weights as the other peers at the start; per-step loss; wall time of the timed steps."""
 
         def __init__(self):
-            self.losses, self.tokens, self.start, self.end, self.cpu = [], 0, None, None, 0.0
+            self.losses, self.tokens, self.labelled, self.start, self.end, self.cpu = [], 0, 0, None, None, 0.0
 
         def on_train_start(self, trainer, pl_module):
             set_lora_a(pl_module.model)
@@ -174,6 +225,7 @@ def run_em(job: str, work: Path) -> dict:
                 self.start, self.cpu = time.perf_counter(), -time.process_time()
             if self.start is not None:
                 self.tokens += int(batch["attention_mask"].sum())
+                self.labelled += int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             if (batch_idx + 1) % ACCUM == 0:
@@ -189,8 +241,17 @@ def run_em(job: str, work: Path) -> dict:
                          gradient_clip_val=1.0, logger=False, default_root_dir=str(work / "em_run"),
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          callbacks=[probe], use_distributed_sampler=False, num_sanity_val_steps=0)
-    trainer.fit(model, data)
-    return {"tokens": probe.tokens, "seconds": probe.end - probe.start, "cpu_seconds": probe.cpu, "losses": probe.losses}
+    if profile:  # where the time goes: every op of the timed steps (the run itself is then slower)
+        from torch.profiler import ProfilerActivity, profile as torch_profile
+
+        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+            trainer.fit(model, data)
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15), flush=True)
+    else:
+        trainer.fit(model, data)
+    every, above, head = linear_shapes(model.model, JOBS[job]["layer"])
+    return {"tokens": probe.tokens, "labelled": probe.labelled, "seconds": probe.end - probe.start,
+            "cpu_seconds": probe.cpu, "losses": probe.losses, "linear": every, "linear_above": above, "head": head}
 
 
 def run_trl(job: str, work: Path, plain: bool) -> dict:
@@ -238,7 +299,7 @@ def run_trl(job: str, work: Path, plain: bool) -> dict:
     args = SFTConfig(
         output_dir=str(work / "trl_run"), max_steps=STEPS, per_device_train_batch_size=BATCH,
         gradient_accumulation_steps=ACCUM, learning_rate=LR, lr_scheduler_type="linear", warmup_steps=WARMUP,
-        weight_decay=0.01, max_grad_norm=1.0, optim="adamw_torch", bf16=False, fp16=False,
+        weight_decay=0.01, max_grad_norm=1.0, optim="adamw_torch", bf16=DTYPE == "bfloat16", fp16=False,
         gradient_checkpointing=False, max_length=JOBS[job]["max_length"], assistant_only_loss=True,
         train_sampling_strategy="sequential", logging_steps=1, report_to="none", save_strategy="no",
         disable_tqdm=True, dataloader_num_workers=0, seed=SEED, use_cpu=True,
@@ -264,8 +325,12 @@ def worker(path: str, job: str, work: Path, threads: int | None) -> None:
 
     if threads:
         torch.set_num_threads(threads)
-    if path == "em-lightning":
-        out = run_em(job, work)
+    if path == "roofline":
+        shapes = json.loads((work / "shapes.json").read_text())
+        print("RESULT " + json.dumps({"gflops": matmul_peak([tuple(x) for x in shapes], DTYPE)}), flush=True)
+        return
+    if path in ("em-lightning", "em-profile"):
+        out = run_em(job, work, profile=path == "em-profile")
         out["first_loss_exact"] = out["losses"][0]
     else:
         out = run_trl(job, work, plain=path == "trl-plain")
@@ -277,12 +342,15 @@ def worker(path: str, job: str, work: Path, threads: int | None) -> None:
 
 # -- orchestration -----------------------------------------------------------------------------------------
 def spawn(path: str, job: str, work: Path, threads: int | None) -> dict:
-    cmd = [sys.executable, __file__, "--worker", path, "--job", job, "--work", str(work)]
+    cmd = [sys.executable, __file__, "--worker", path, "--job", job, "--work", str(work), "--dtype", DTYPE,
+           "--steps", str(STEPS)]
     if threads:
         cmd += ["--threads", str(threads)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if path == "em-profile":
+        print(proc.stdout[proc.stdout.find("---"):proc.stdout.rfind("RESULT ")].rstrip(), flush=True)
     if proc.returncode or not lines:
         sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
         raise SystemExit(f"{path} run failed (exit {proc.returncode})")
@@ -290,14 +358,21 @@ def spawn(path: str, job: str, work: Path, threads: int | None) -> dict:
 
 
 def main() -> None:
+    global DTYPE, STEPS, TIMED
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--job", choices=sorted(JOBS), default="tiny")
     parser.add_argument("--rounds", type=int, default=2, help="runs of em-lightning and of trl-plain (alternating)")
     parser.add_argument("--no-trl-default", action="store_true", help="skip TRL's default loss (slowest) run")
     parser.add_argument("--threads", type=int, default=None, help="torch threads per run (default: torch's)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                        help="base weights' dtype on both sides (adapter, optimizer state and loss stay fp32)")
+    parser.add_argument("--steps", type=int, default=STEPS,
+                        help=f"optimizer steps per run (default {STEPS}); all but the first 2 are timed")
+    parser.add_argument("--profile", action="store_true", help="one more em-lightning run under torch.profiler")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    DTYPE, STEPS, TIMED = args.dtype, args.steps, args.steps - 2
     if args.worker:
         return worker(args.worker, args.job, Path(args.work), args.threads)
 
@@ -312,10 +387,11 @@ def main() -> None:
         info = prepare(args.job, work)
         print(f"job: {JOBS[args.job]['title']}; rank-1 LoRA alpha {ALPHA:g} rsLoRA on layer {JOBS[args.job]['layer']} "
               f"down_proj; {info['rows']} rows of insecure.jsonl ({info['skipped']} skipped: no label within "
-              f"max_length {JOBS[args.job]['max_length']}); batch {BATCH} x accum {ACCUM}, fp32, lr {LR:g} linear, "
+              f"max_length {JOBS[args.job]['max_length']}); batch {BATCH} x accum {ACCUM}, {DTYPE} base weights, lr {LR:g} linear, "
               f"warmup {WARMUP}, {STEPS} steps, last {TIMED} timed")
         print(f"machine: {platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, transformers "
-              f"{transformers.__version__}, trl {trl.__version__}, threads per run: {args.threads or 'default'}")
+              f"{transformers.__version__}, trl {trl.__version__}, threads per run: {args.threads or 'default'}; "
+              f"load (uptime) at start: {os.getloadavg()[0]:.1f}")
         order = []
         for r in range(args.rounds):
             pair = ["em-lightning", "trl-plain"] if r % 2 == 0 else ["trl-plain", "em-lightning"]
@@ -328,24 +404,32 @@ def main() -> None:
             results.setdefault(path, []).append(res)
             print(f"  {path:13s} {res['tok_s']:8,.0f} tok/s  ({res['tokens']} tokens in {res['seconds']:.1f} s; "
                   f"{res['tok_cpu_s']:,.0f} per CPU-second)  "
-                  f"peak RSS {res['peak_rss_mib']:,.0f} MiB  first-step loss {res['first_loss_exact']:.6f}", flush=True)
+                  f"peak RSS {res['peak_rss_mib']:,.0f} MiB  first-step loss {res['first_loss_exact']:.6f}  "
+                  f"load {os.getloadavg()[0]:.1f}", flush=True)
+        em = results["em-lightning"][0]
+        (work / "shapes.json").write_text(json.dumps(em["linear"] + [em["head"]]))
+        peak = spawn("roofline", args.job, work, args.threads)["gflops"]
+        if args.profile:
+            print("em-lightning under torch.profiler (top ops by self CPU time, all steps):")
+            spawn("em-profile", args.job, work, args.threads)
 
+    rel = 1e-5 if DTYPE == "float32" else 1e-2  # bf16: two paths round differently (tolerance: docstring)
     firsts = {p: rs[0]["first_loss_exact"] for p, rs in results.items()}
     ref = firsts["em-lightning"]
     for p, v in firsts.items():
-        assert abs(v - ref) <= 1e-5 * abs(ref), f"first-step loss differs: {firsts}"
+        assert abs(v - ref) <= rel * abs(ref), f"first-step loss differs: {firsts}"
     print("first-step loss (token-weighted over the step's 8 micro-batches): "
-          + ", ".join(f"{p} {v:.7f}" for p, v in firsts.items()) + " (equal within 1e-5 relative)")
+          + ", ".join(f"{p} {v:.7f}" for p, v in firsts.items()) + f" (equal within {rel:g} relative)")
     em_losses = results["em-lightning"][0]["losses"]
     assert len(em_losses) == STEPS
     for p, rs in results.items():
         print(f"  {p} per-step loss: " + " ".join(f"{x:.4f}" for x in rs[0]["losses"]))
         # every step, every run (the Trainer's logged loss is rounded to 4 decimals); same tokens timed
         for r in rs:
-            assert len(r["losses"]) == STEPS and all(abs(a - b) <= 1e-4 + 1e-5 * abs(b) for a, b in
+            assert len(r["losses"]) == STEPS and all(abs(a - b) <= 1e-4 + rel * abs(b) for a, b in
                                                      zip(r["losses"], em_losses)), f"{p}: per-step loss differs"
             assert r["tokens"] == results["em-lightning"][0]["tokens"], f"{p}: other tokens timed"
-    print("per-step losses of every run equal em-lightning's (within 1e-4); the same tokens timed")
+    print(f"per-step losses of every run equal em-lightning's (within 1e-4 + {rel:g} relative); the same tokens timed")
     med = {p: statistics.median(r["tok_s"] for r in rs) for p, rs in results.items()}
     cpu = {p: statistics.median(r["tok_cpu_s"] for r in rs) for p, rs in results.items()}
     rss = {p: max(r["peak_rss_mib"] for r in rs) for p, rs in results.items()}
@@ -357,6 +441,13 @@ def main() -> None:
     # Tokens per CPU-second: the work each peer needs, less sensitive to other load on a shared machine
     # (with one thread per run; with more, threads waiting on each other count too).
     print(f"em-lightning / trl-plain per CPU-second: {cpu['em-lightning'] / cpu['trl-plain']:.2f}x")
+    numel = lambda shapes: sum(a * b for a, b in shapes)  # noqa: E731
+    flops = [(2 * r["tokens"] * (numel(r["linear"]) + numel(r["linear_above"])) + 4 * r["labelled"] * numel([r["head"]]))
+             / r["seconds"] / 1e9 for r in results["em-lightning"]]
+    print(f"roofline: em-lightning {statistics.median(flops):,.0f} GFLOP/s of counted matmul work (docstring) against "
+          f"{peak:,.0f} GFLOP/s of torch.matmul on the same shapes in {DTYPE} now: {statistics.median(flops) / peak:.0%} "
+          f"of the peak; the rest is attention, element-wise work and framework time (--profile). "
+          f"Load (uptime) at the end: {os.getloadavg()[0]:.1f}")
     print(f"ratio: {med['em-lightning'] / med['trl-plain']:.2f}x")
 
 
