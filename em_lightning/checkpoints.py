@@ -9,6 +9,8 @@ from pathlib import Path
 import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
+from em_lightning.fingerprint import FINGERPRINT
+
 RUN_LIMITS = "em_run_limits"  # {"max_steps": int, "max_epochs": int | None} of the run that saved it
 SHARDED_META = "meta.pt"  # in a sharded checkpoint folder: everything but the tensors (Lightning's name)
 
@@ -29,6 +31,29 @@ def checkpoint_global_step(path: str | Path) -> int:
 def checkpoint_run_limits(path: str | Path) -> dict | None:
     """The trainer limits (max_steps, max_epochs) the saving run had; None for older checkpoints."""
     return _header(path).get(RUN_LIMITS)
+
+
+def checkpoint_fingerprint(path: str | Path) -> dict | None:
+    """The run fingerprint the saving run recorded (fingerprint.py); None for checkpoints saved before it."""
+    return _header(path).get(FINGERPRINT)
+
+
+def run_finished(path: str | Path, max_steps: int, max_epochs: int | None) -> bool:
+    """Whether a run resumed from this checkpoint under these limits has nothing left to train (a finished
+    run started again with the same limits)."""
+    header = _header(path)
+    if max_steps not in (-1, None) and int(header.get("global_step", 0)) >= max_steps:
+        return True
+    if max_epochs in (-1, None):
+        return False
+    progress = header.get("loops", {}).get("fit_loop", {}).get("epoch_progress", {}).get("current", {})
+    return int(progress.get("completed", 0)) >= max_epochs
+
+
+def checkpoint_mid_epoch(path: str | Path) -> bool:
+    """Whether the checkpoint was saved inside an epoch (its data position counts batches of this world size)."""
+    progress = _header(path).get("loops", {}).get("fit_loop", {}).get("epoch_loop.batch_progress", {})
+    return int(progress.get("current", {}).get("ready", 0)) > 0 and not progress.get("is_last_batch", False)
 
 
 def consolidate(path: str | Path, out_file: str | Path) -> Path:

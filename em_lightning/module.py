@@ -25,6 +25,8 @@ from em_lightning.adapters import (
     trainable_parameter_count,
 )
 from em_lightning.checkpoints import RUN_LIMITS
+from em_lightning.fingerprint import FINGERPRINT
+from em_lightning.finite import NonFiniteError, training_stop_message
 from em_lightning.gguf_cache import exported_base
 from em_lightning.loss import ROW_LENGTHS, labelled_loss_sum, right_padded_lengths
 from em_lightning.models import ModelSpec, load_model, load_tokenizer
@@ -100,6 +102,8 @@ class EMFineTune(pl.LightningModule):
         self.strict_loading = False
         self._last_step_end: float | None = None
         self._val_logged_step: int | None = None
+        self.run_fingerprint: dict | None = None  # set by em-fit (commands/fit.py); saved in every checkpoint
+        self.training_started = False  # a failed start (before the first step) leaves no run directory
         # Extra training-loss terms contributed by callbacks (add_loss_term), e.g. the KL defense.
         self.loss_terms: dict[str, LossTerm] = {}
 
@@ -194,8 +198,12 @@ class EMFineTune(pl.LightningModule):
         self.log("train/loss", loss, on_step=True, prog_bar=True)
         self.log("train/lr", optimizer.param_groups[0]["lr"], on_step=True)
         grads = [p.grad for p in self.trainable_parameters() if p.grad is not None]
+        grad_norm = full(torch.nn.utils.get_total_norm(grads)) if grads else torch.zeros((), device=self.device)
         if grads:  # a DTensor under FSDP2: the norm of the whole gradient, gathered on every rank
-            self.log("train/grad_norm", full(torch.nn.utils.get_total_norm(grads)), on_step=True)
+            self.log("train/grad_norm", grad_norm, on_step=True)
+        if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
+            grad_norm = torch.zeros_like(grad_norm)  # fp16 loss scaling: an inf gradient only skips the step
+        self._health = torch.stack([loss.float(), grad_norm.float()])  # checked after the update (optimizer_step)
         now = time.perf_counter()
         if self._last_step_end is not None:  # tokens of all ranks per second of wall time, step to step
             self.log("train/tokens_per_s", tokens / max(now - self._last_step_end, 1e-9), on_step=True)
@@ -206,15 +214,40 @@ class EMFineTune(pl.LightningModule):
         self._step_loss = self._step_tokens = torch.zeros((), device=self.device)
         self._term_sums = {name: torch.zeros((), device=self.device) for name in self.loss_terms}
 
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        self._stop_if_non_finite()
+
+    def _stop_if_non_finite(self) -> None:
+        """Stop at the first optimizer step whose loss, gradient norm or updated weights are not finite, before
+        any callback records the step (trajectory, checkpoint: they run at the batch's end) or the adapter is
+        exported. Cost: one host sync per optimizer step (the .item() below; Lightning's logging syncs once
+        per step anyway) and one foreach max-norm over the trainable weights (like the gradient norm's). The
+        values are equal on every rank (reduced or gathered), so every rank stops at the same step."""
+        weights = full(torch.nn.utils.get_total_norm(self.trainable_parameters(), norm_type=float("inf")))
+        values = torch.cat([self._health, weights.float().reshape(1).to(self._health.device)])
+        if bool(torch.isfinite(values).all().item()):
+            return
+        names = ("train/loss", "train/grad_norm", "max |trainable weight| after the update")
+        step = self.trainer.global_step + 1  # optimizer steps done, this one included (its train/loss is at step - 1)
+        raise NonFiniteError(training_stop_message(step, dict(zip(names, values.tolist())), self.hparams.lr,
+                                                   self.trainer.gradient_clip_val))
+
     def on_train_start(self) -> None:
         self._reset_step_sums()
-        self._last_step_end = None
-        if self.validate_before_training and self.trainer.global_step == 0:
-            self._log_held_out_loss(step=0)
+        self.training_started = True
+        if self.validate_before_training:
+            # Step 0 before training; on a resume the checkpoint's step again: commands/fit.py purged from the
+            # curves everything logged at or after it, and the restored weights give the same value.
+            self._log_held_out_loss(step=self.trainer.global_step)
+        # A resumed run's first step has a rate too (timed from here); a fresh run's first has none.
+        self._last_step_end = time.perf_counter() if self.trainer.global_step > 0 else None
 
     def on_train_end(self) -> None:
         if self.validate_before_training and self._val_logged_step != self.trainer.global_step:
             self._log_held_out_loss(step=self.trainer.global_step)
+        # Exported here, not at the end of fit: callbacks' on_fit_end may wait (InLoopJudge's last points).
+        self._export_adapter()
 
     def _log_held_out_loss(self, step: int) -> None:
         """val/loss over the held-out set (``trainer.limit_val_batches`` of it) outside Lightning's validation
@@ -308,8 +341,31 @@ class EMFineTune(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # The limits this run was planned with: extending it raises one of them (see commands/fit.py).
         checkpoint[RUN_LIMITS] = {"max_steps": self.trainer.max_steps, "max_epochs": self.trainer.max_epochs}
+        if self.run_fingerprint is not None:  # what decides the result: a resume must match it (commands/fit.py)
+            checkpoint[FINGERPRINT] = self.run_fingerprint
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # What the fingerprint check let through (--allow_changed, an older checkpoint) must still fit: one line,
+        # not load_state_dict's size-mismatch traceback or a silently fresh adapter beside restored Adam state.
+        saved = checkpoint.get("state_dict")
+        if saved is None or self.model is None or is_sharded(self.model):
+            return
+        own = self.state_dict()
+        extra, missing = sorted(set(saved) - set(own)), sorted(set(own) - set(saved))
+        shapes = [k for k in own if k in saved and tuple(saved[k].shape) != tuple(own[k].shape)]
+        if extra or missing or shapes:
+            detail = (f"{shapes[0]} is {list(saved[shapes[0]].shape)} in the checkpoint, {list(own[shapes[0]].shape)} here"
+                      if shapes else f"{(extra or missing)[0]} is only in the {'checkpoint' if extra else 'model'}")
+            raise ValueError(f"checkpoint: its trainable tensors do not fit this model ({detail}; "
+                             f"{len(extra) + len(missing) + len(shapes)} tensor(s) differ): it was saved with another "
+                             "adapter or base model")
 
     def on_fit_end(self) -> None:
+        if getattr(self, "_exported_at", None) != self.trainer.global_step:  # nothing was left to train
+            self._export_adapter()
+
+    def _export_adapter(self) -> None:
+        self._exported_at = self.trainer.global_step
         run_dir = Path(self.trainer.log_dir)  # broadcast from rank 0: called on every rank
         state = None
         if is_sharded(self.model):  # gathered on every rank (collective), written by rank 0

@@ -88,3 +88,20 @@ class SlowVersionLogger(TensorBoardLogger):
         if _armed():
             time.sleep(self.delay)
         return version
+
+
+class SignalAtStep(Callback):
+    """Send ``signum`` to this process (rank 0 only: what a scheduler's kill of the launcher does) right after
+    the first micro-batch of optimizer step ``at_step`` + 1: mid gradient accumulation when there is one."""
+
+    def __init__(self, at_step: int, signum: int = int(signal.SIGTERM)):
+        self.at_step, self.signum = at_step, signum
+        self._sent = False
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if not _armed() or self._sent or trainer.global_step != self.at_step or not trainer.is_global_zero:
+            return
+        if trainer.accumulate_grad_batches > 1 and (batch_idx + 1) % trainer.accumulate_grad_batches == 0:
+            return  # the step's last micro-batch: wait for the next step's first one
+        self._sent = True
+        os.kill(os.getpid(), self.signum)

@@ -44,6 +44,7 @@ from em_lightning.evaluation.runner import (
     write_point,
 )
 from em_lightning.evaluation.sampling import SamplingConfig
+from em_lightning.finite import check_finite
 from em_lightning.judges.cache import JudgeCache
 from em_lightning.judges.factory import prepare_judges
 from em_lightning.models import ModelSpec, load_model, load_tokenizer
@@ -215,6 +216,8 @@ def main(argv: list[str]) -> None:
             raise ValueError(f"--judge-config {args.judge_config}: {exc}") from None
     with tempfile.TemporaryDirectory() as tmp:
         model, tokenizer, step, what = load_model_for_eval(args, Path(tmp))
+    trained = {n: p for n, p in model.named_parameters() if "lora_" in n} or dict(model.named_parameters())
+    check_finite(trained, what)  # a diverged run's adapter answers garbage: one line, not a result
     model.to(args.device).eval()
     point = evaluate(model, tokenizer, questions, sampling, judges, step, args.scales, names,
                      convention=convention, conventions=resolve_conventions())

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import importlib
+import json
 import os
+import shutil
+import sys
+import time
 from pathlib import Path
 
 from lightning.pytorch.callbacks import ProgressBar
@@ -15,31 +20,48 @@ from em_lightning.callbacks.checkpointing import AtomicCheckpointIO, StepCheckpo
 from em_lightning.callbacks.progress import StepProgressBar
 from em_lightning.callbacks.step_validation import StepValidation
 from em_lightning.checkpoint_check import check_checkpoint, check_resume_checkpoint
-from em_lightning.checkpoints import checkpoint_global_step, checkpoint_run_limits
+from em_lightning.checkpoints import (
+    checkpoint_fingerprint,
+    checkpoint_global_step,
+    checkpoint_mid_epoch,
+    checkpoint_run_limits,
+    run_finished,
+)
 from em_lightning.data import ChatDataModule
+from em_lightning.fingerprint import ALL, GLOBAL_BATCH, compare, file_identity, flatten, model_identity
 from em_lightning.logger_compat import pin_version, set_purge_step, version_unset
 from em_lightning.module import EMFineTune
 from em_lightning.run_dir import RunDirLock, reserve_version
+from em_lightning.schedule import planned_steps, resolve_schedule_steps
 
 DEFAULT_RUNS_DIR = "runs"
 LOGGER = "lightning.pytorch.loggers.TensorBoardLogger"
+RESUME_LOG = "resume_log.jsonl"  # in the run directory: every change a resume accepted with --allow_changed
+# Options that do not decide the trained result (speed, memory, workers): never part of the fingerprint.
+NOT_FINGERPRINTED = ("model.padding_free", "model.validate_before_training", "model.sharding",
+                     "model.base.gradient_checkpointing", "model.base.attn_implementation", "data.num_workers",
+                     "data.base")  # data.base is a linked copy of model.base
 
 
 class PinnedRunConfig(SaveConfigCallback):
     """Saves config.yaml in the run directory with the logger's resolved version written in, so that
-    ``--config <run_dir>/config.yaml`` (resume, extend) points at the same run directory."""
+    ``--config <run_dir>/config.yaml`` (resume, extend) points at the same run directory. Written when
+    training starts, after the checkpoint was restored: a resume that fails before (a checkpoint that does
+    not fit the model) leaves the run's config.yaml as it was."""
 
     def setup(self, trainer, pl_module, stage: str) -> None:
-        if stage != "fit":  # `em-fit validate` on a run must not replace the run's training config
-            return
+        pass  # see on_train_start; `em-fit validate` on a run must not replace the run's training config
+
+    def on_train_start(self, trainer, pl_module) -> None:
         logger_cfg = self.config.get("trainer", {}).get("logger")
         if trainer.logger is not None and logger_cfg is not None and "init_args" in logger_cfg:
             logger_cfg.init_args.version = trainer.logger.version
+        self.config.allow_changed = None  # one resume's permission, not the run's: recorded in resume_log.jsonl
         # Written under a temporary name, then renamed: a crash mid-write keeps the previous config.yaml.
         log_dir = trainer.log_dir  # collective (a broadcast): every rank
         final, self.config_filename = self.config_filename, f"{self.config_filename}{TMP_MARK}{os.getpid()}"
         try:
-            super().setup(trainer, pl_module, stage)
+            super().setup(trainer, pl_module, "fit")
         finally:
             tmp, self.config_filename = Path(log_dir, self.config_filename), final
         if trainer.is_global_zero and tmp.is_file():
@@ -62,7 +84,33 @@ class EMFitCLI(LightningCLI):
                 "enable_model_summary": False,  # its FLOPs column reads 0; configure_optimizers prints counts
             },
         )
-        super().__init__(EMFineTune, ChatDataModule, *args, **kwargs)
+        try:
+            super().__init__(EMFineTune, ChatDataModule, *args, **kwargs)
+        except BaseException:
+            self._discard_failed_start()
+            raise
+
+    def _discard_failed_start(self) -> None:
+        """A fresh run that failed before its first training step (target modules that resolve to nothing, a
+        missing judge key: found while the trainer sets up, after the run directory was claimed) leaves no
+        ``version_N`` behind: remove what it wrote. A resumed run's directory is never removed."""
+        fresh = getattr(self, "_fresh_run_dir", None)
+        model = getattr(self, "model", None)
+        if fresh is None or model is None or getattr(model, "training_started", False):
+            return
+        lock = getattr(self, "_run_dir_lock", None)
+        if lock is not None:
+            lock.release()
+        shutil.rmtree(fresh, ignore_errors=True)
+        try:
+            fresh.parent.rmdir()  # the run name's folder, when this was its only run
+        except OSError:
+            pass
+
+    def _parse_ckpt_path(self) -> None:
+        """LightningCLI would replace the config's model options by the checkpoint's hyperparameters: a
+        checkpoint of another run would silently become the model trained. Here the config decides, and
+        the run fingerprint (fingerprint.py) refuses a checkpoint that is not of the config's run."""
 
     def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
         super().parse_arguments(parser, args)
@@ -90,6 +138,11 @@ class EMFitCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("model.base", "data.base")
+        parser.add_argument(
+            "--allow_changed", type=list[str] | str | None, default=None,
+            help="resume although these fields changed since the checkpoint: a field, a group like model.adapter, "
+                 "or all; several as F1,F2 or [F1, F2]. Each accepted change is printed and recorded in "
+                 "<run_dir>/resume_log.jsonl")
         # Always on, configurable as `checkpoint.every_n_train_steps: N` etc.
         parser.add_lightning_class_args(StepCheckpoint, "checkpoint")
 
@@ -100,6 +153,9 @@ class EMFitCLI(LightningCLI):
         # --trainer.default_root_dir DIR places the run directory under DIR.
         if root and logger and "init_args" in logger and logger.init_args.get("save_dir") == DEFAULT_RUNS_DIR:
             logger.init_args.save_dir = root
+        if logger and "init_args" in logger and str(logger.get("class_path", "")).endswith("TensorBoardLogger"):
+            # Its hp_metric is a -1 placeholder logged at step 0 by every start: a resumed run would log it twice.
+            logger.init_args.default_hp_metric = False
 
     def _run_dir(self) -> Path:
         return Path(self.trainer.logger.log_dir)
@@ -107,10 +163,17 @@ class EMFitCLI(LightningCLI):
     def before_fit(self) -> None:
         self._check_inputs()
         cfg = self.config_init[self.subcommand]
+        self.model.run_fingerprint = self._fingerprint()  # written into every checkpoint (module.on_save_checkpoint)
+        accepted: list[str] = []
+        if cfg.get("ckpt_path"):
+            accepted = self._check_same_run(Path(cfg["ckpt_path"]))
+            self._apply_extension_policy(Path(cfg["ckpt_path"]))
+        self._check_warmup()
         if cfg.get("ckpt_path"):
             self._continue_curves(Path(cfg["ckpt_path"]))
-            self._apply_extension_policy(Path(cfg["ckpt_path"]))
         self._claim_run_dir()
+        if accepted:
+            self._record_accepted(Path(cfg["ckpt_path"]), accepted)
 
     def after_fit(self) -> None:
         # The one line a newcomer needs at the end: where the run is and how to look at it (rank 0).
@@ -146,6 +209,7 @@ class EMFitCLI(LightningCLI):
         logger = self.trainer.logger
         if logger is not None and hasattr(logger, "root_dir") and version_unset(logger):
             pin_version(logger, reserve_version(logger.root_dir))  # TensorBoard/CSV loggers pick it lazily
+            self._fresh_run_dir = Path(logger.log_dir)  # created here: removed again if the start fails
         log_dir = self.trainer.log_dir  # no process group yet: the local value, no broadcast
         if log_dir is None:  # a logger with no local folder: nothing of the run is written here
             return
@@ -190,6 +254,91 @@ class EMFitCLI(LightningCLI):
 
     def _continue_curves(self, ckpt: Path) -> None:
         # TensorBoard drops events at or after purge_step from earlier files: steps logged after the
-        # checkpoint by the interrupted run are replaced by the resumed run's, never duplicated.
-        if self.trainer.logger is not None:
+        # checkpoint by the interrupted run are replaced by the resumed run's, never duplicated. train/* of
+        # step k are logged at k (before the step's update), so the purge is at the checkpoint's step k; tags
+        # logged at the step whose weights they measure (val/loss, phase/*) are logged again at k by the
+        # resumed run. A finished run resumed with nothing left to train purges nothing (it logs nothing).
+        loop = self.trainer.fit_loop
+        if self.trainer.logger is not None and not run_finished(ckpt, loop.max_steps, loop.max_epochs):
             set_purge_step(self.trainer.logger, checkpoint_global_step(ckpt))
+
+    # -- the same run, or refused ----------------------------------------------------------------------
+    def _fingerprint(self) -> dict[str, object]:
+        """Everything that decides the trained result (fingerprint.py), from the parsed config and the
+        files it names: model and adapter options, the base model's files, data options and the data files'
+        content, seed, optimizer and schedule, the global batch and its factors, gradient clipping and
+        precision, and the init args of callbacks that declare ``affects_training = True``."""
+        cfg = self.config[self.subcommand]
+        t, dm = self.trainer, self.datamodule
+        fields = flatten({"seed_everything": cfg.get("seed_everything"),
+                          "model": cfg.model.as_dict(), "data": cfg.data.as_dict()})
+        fields = {k: v for k, v in fields.items() if not any(k == n or k.startswith(n + ".") for n in NOT_FINGERPRINTED)}
+        base = self.model.base
+        fields.update(flatten({"model.base.files": model_identity(base.name_or_path, base.gguf_file) or {}}))
+        fields["data.train_files.content"] = [file_identity(f) for f in dm.train_files]
+        fields.update({
+            "trainer.world_size": t.world_size,
+            "trainer.accumulate_grad_batches": t.accumulate_grad_batches,
+            GLOBAL_BATCH: t.world_size * dm.batch_size * t.accumulate_grad_batches,
+            "trainer.gradient_clip_val": t.gradient_clip_val,
+            "trainer.gradient_clip_algorithm": str(t.gradient_clip_algorithm),
+            "trainer.precision": str(t.precision),
+        })
+        for i, entry in enumerate(cfg.trainer.get("callbacks") or []):
+            class_path = str(entry.get("class_path", ""))
+            module, _, name = class_path.rpartition(".")
+            try:
+                cls = getattr(importlib.import_module(module), name)
+            except (ImportError, AttributeError, ValueError):
+                continue
+            if getattr(cls, "affects_training", False):  # e.g. a defense that adds a loss term
+                args = entry.get("init_args")
+                fields.update(flatten({f"callbacks.{i}.{name}": args.as_dict() if args is not None else {}}))
+        return fields
+
+    def _check_same_run(self, ckpt: Path) -> list[str]:
+        """Refuse a checkpoint whose fingerprint differs from this config's, one line per field; returns the
+        changes --allow_changed accepted."""
+        given = self.config[self.subcommand].get("allow_changed") or []
+        allowed = [f.strip() for item in ([given] if isinstance(given, str) else given) for f in item.split(",") if f.strip()]
+        saved = checkpoint_fingerprint(ckpt)
+        if saved is None:
+            if ALL not in allowed:
+                raise ValueError(
+                    f"--ckpt_path {ckpt}: saved before em-fit recorded a run fingerprint, so it cannot be checked "
+                    "against this config; if this config is the checkpoint's run, resume with --allow_changed all")
+            return [f"{ckpt}: checkpoint without a run fingerprint, accepted as it is (--allow_changed all)"]
+        refused, accepted = compare(saved, self.model.run_fingerprint, allowed,
+                                    factors_may_change=not checkpoint_mid_epoch(ckpt))
+        if refused:
+            if self.trainer.global_rank == 0:
+                for line in refused:
+                    print(f"em-fit: changed since the checkpoint: {line}", file=sys.stderr)
+            raise ValueError(
+                f"--ckpt_path {ckpt}: this config is not the checkpoint's run ({len(refused)} field(s) changed, listed "
+                "above); start a new run, or resume anyway with --allow_changed FIELD ... (recorded in the run directory)")
+        return accepted
+
+    def _record_accepted(self, ckpt: Path, accepted: list[str]) -> None:
+        for line in accepted:
+            rank_zero_info(f"resume: accepted change (--allow_changed): {line}")
+        log_dir = self.trainer.log_dir
+        if self.trainer.global_rank != 0 or log_dir is None:
+            return
+        record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "checkpoint": str(ckpt),
+                  "step": checkpoint_global_step(ckpt), "accepted": accepted, "argv": sys.argv[1:]}
+        with open(Path(log_dir, RESUME_LOG), "a") as f:  # append-only: one line per resume
+            f.write(json.dumps(record) + "\n")
+
+    def _check_warmup(self) -> None:
+        """A warmup longer than the run never reaches model.lr: an error naming both numbers, before
+        anything is written."""
+        if self.subcommand != "fit":
+            return
+        t, hp = self.trainer, self.model.hparams
+        steps = planned_steps(t.max_steps, t.max_epochs, self.datamodule.batches_per_epoch(t.world_size),
+                              t.accumulate_grad_batches)
+        total = resolve_schedule_steps(hp.schedule_steps, steps, hp.schedule)
+        if hp.warmup_steps > total:
+            raise ValueError(f"model.warmup_steps: {hp.warmup_steps} is longer than the run's {total} optimizer steps: "
+                             f"the learning rate would never reach model.lr={hp.lr}; lower model.warmup_steps")

@@ -19,6 +19,7 @@ import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import Tensor
 
+from em_lightning.finite import check_finite
 from em_lightning.phase import (
     PCAResult,
     TransitionEvent,
@@ -156,6 +157,9 @@ def analyse_run(run_dir: Path, ks: list[int], detector_k: int | None = None) -> 
         except Exception as e:  # a half-written or foreign trajectory: report what else is there
             traj_error = f"cannot read trajectory in {run_dir / 'trajectory'}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
             notes.append(traj_error)
+    if traj is not None:  # a diverged run (before em-fit stopped at NaN): one line, not an SVD traceback
+        check_finite({f"{name}.{ab}": t for ab, vectors in (("A", traj.a), ("B", traj.b)) for name, t in vectors.items()},
+                     str(run_dir / "trajectory"))
     scalars = read_scalars(run_dir)
     if (traj is None or len(traj.steps) == 0) and not scalars:
         raise ValueError(traj_error or f"nothing to report in {run_dir}: no trajectory/ and no TensorBoard event files")
