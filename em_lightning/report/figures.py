@@ -10,6 +10,8 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure
 
 from em_lightning.report.analysis import LOSS, ModuleAnalysis, RunReport
+
+VAL_LOSS = "val/loss"
 from em_lightning.report.eval_labels import eval_labels
 
 __all__ = ["draw_all"]
@@ -173,20 +175,24 @@ def draw_metrics(report: RunReport) -> Figure | None:
     labels = eval_labels(report.run_dir, report.scalars)
     em_tag, coherent_tag = labels.tag("em_rate"), labels.tag("coherent_rate")
     panels = [tag for tag in (LOSS, em_tag) if tag in report.scalars]
+    if LOSS not in report.scalars and VAL_LOSS in report.scalars:  # val/loss alone still gets the loss panel
+        panels.insert(0, LOSS)
     if not panels:
         return None
     fig = Figure(figsize=(10, 3.8 * len(panels)), layout="constrained")
     axes = fig.subplots(len(panels), 1, sharex=True, squeeze=False).ravel()
     marks = _all_marks(report)
     for ax, tag in zip(axes, panels):
-        steps, values = report.scalars[tag]
+        steps, values = report.scalars.get(tag, ([], []))
         if tag == LOSS:
             ax.plot(steps, values, color="tab:blue", alpha=0.35 if len(steps) > 100 else 1.0, label="train/loss")
             if len(steps) > 100:
                 window = max(len(steps) // 50, 5)
                 ax.plot(steps, _smooth(values, window), color="tab:blue", label=f"moving mean ({window} logs)")
-            ax.set_ylabel("loss")
-            ax.set_title("Training loss")
+            if VAL_LOSS in report.scalars:
+                ax.plot(*report.scalars[VAL_LOSS], marker="o", color="tab:orange", label="val/loss (held-out rows)")
+            ax.set_ylabel("cross-entropy (nats per assistant token)")
+            ax.set_title("Loss: training steps and held-out rows")
         else:
             ax.plot(steps, values, marker="o", color="tab:red", label="EM rate")
             low, high = (report.scalars.get(labels.tag(k)) for k in ("em_rate_ci95_low", "em_rate_ci95_high"))

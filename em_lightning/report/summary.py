@@ -7,6 +7,7 @@ from pathlib import Path
 
 from em_lightning.phase import TransitionEvent
 from em_lightning.report.analysis import LOSS, ModuleAnalysis, RunReport
+from em_lightning.report.figures import VAL_LOSS
 from em_lightning.report.eval_labels import EvalLabels, eval_labels
 
 
@@ -70,6 +71,19 @@ def _evaluation_section(report: RunReport, labels: EvalLabels) -> list[str]:
     return lines + [""]
 
 
+def _loss_section(report: RunReport) -> list[str]:
+    """val/loss at every step it was measured, beside the training loss around that step."""
+    steps, values = report.scalars[VAL_LOSS]
+    lines = ["## Loss", "",
+             "Token-weighted cross-entropy in nats per assistant token (the trained adapter, scale 1): `val/loss` "
+             "over the held-out rows at the step's weights, `train/loss` the mean over the 10 logged steps up to it.",
+             "", "| step | val/loss | train/loss |", "|---|---|---|"]
+    lines += [f"| {s} | {_fmt(v)} | {_fmt(_mean_in(report.scalars.get(LOSS), s - 9, s))} |" for s, v in zip(steps, values)]
+    if len(values) >= 2 and all(math.isfinite(v) for v in (values[0], values[-1])):
+        lines += ["", f"val/loss {_fmt(values[0])} (step {steps[0]}) -> {_fmt(values[-1])} (step {steps[-1]})."]
+    return lines + [""]
+
+
 def write_summary(report: RunReport, figures: list[Path], path: Path) -> None:
     lines = [f"# Run report: `{report.run_dir}`", ""]
     labels = eval_labels(report.run_dir, report.scalars)
@@ -94,6 +108,8 @@ def write_summary(report: RunReport, figures: list[Path], path: Path) -> None:
         lines += ["No transition detected (no trajectory to analyse).", ""]
     for tag, steps in report.live_transitions.items():
         lines += [f"Logged live (`{tag}`): step(s) " + ", ".join(map(str, steps)), ""]
+    if VAL_LOSS in report.scalars:
+        lines += _loss_section(report)
     if labels.tag("em_rate") in report.scalars:
         lines += _evaluation_section(report, labels)
     lines += ["## Figures", ""] + [f"![{f.stem}]({f.name})" for f in figures] + [""]
