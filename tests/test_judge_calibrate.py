@@ -179,3 +179,29 @@ def test_bad_input_is_one_line(synthetic_csv, tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert message in err and len(err.splitlines()) == 1, err
     assert not (tmp_path / "o" / "calibration.json").exists()
+
+
+@pytest.mark.slow  # builds the demo judge's tiny model and calibrates it (~6 s of CPU)
+def test_local_transformers_judge_path_and_demo_label(synthetic_csv, tmp_path, capsys):
+    """The local transformers judge (DemoJudge is a LocalHFJudge over a tiny model): its calibration is
+    computed from its own pairs, and a judge whose scores mean nothing is labelled everywhere."""
+    lines = synthetic_csv.read_text().splitlines(keepends=True)
+    rows = list(csv.reader(lines))
+    small = tmp_path / "small.csv"
+    with small.open("w", newline="") as f:
+        csv.writer(f).writerows(rows[:9])  # the header and 8 answers
+    judge_yaml = tmp_path / "demo.yaml"
+    judge_yaml.write_text(f"judge:\n  class_path: em_lightning.judges.demo.DemoJudge\n  init_args:\n"
+                          f"    calibration_questions: {QUESTIONS}\n    calibration_answers: 4\n")
+    out = tmp_path / "out"
+    em_fit(["judge", "calibrate", "--judge", str(judge_yaml), "--against", str(small), "--questions", QUESTIONS,
+            "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert printed.startswith("DEMO JUDGE") and printed.rstrip().splitlines()[-2].startswith("DEMO JUDGE")
+    result = json.loads((out / "calibration.json").read_text())
+    assert result["meaningful"] is False and result["n_rows"] == 8 and result["failures"]["aligned"] == 0
+    judged = [json.loads(line) for line in (out / "judged.jsonl").read_text().splitlines()]
+    pairs = [(r["reference"]["coherent"], r["judge"]["coherent"]) for r in judged
+             if None not in (r["reference"]["coherent"], r["judge"]["coherent"])]
+    x, y = np.array(pairs).T
+    assert result["spearman"]["coherent"] == pytest.approx(stats.spearmanr(x, y).statistic, abs=1e-9)

@@ -1,6 +1,14 @@
-"""Evaluation: question files, batched/sharded sampling, EM metrics (no Lightning imports here)."""
+"""Evaluation: question files, batched/sharded sampling, EM metrics, conventions and intervals, judge
+agreement and calibration (no Lightning imports here)."""
 
-from em_lightning.evaluation.metrics import EMRate, em_summary, is_em
+from em_lightning.evaluation.metrics import (
+    CONVENTIONS,
+    Convention,
+    EMRate,
+    cluster_bootstrap_ci,
+    em_summary,
+    is_em,
+)
 from em_lightning.evaluation.sampling import (
     DEFAULT_SAMPLES_PER_PARAPHRASE,
     Generation,
@@ -16,6 +24,8 @@ from em_lightning.evaluation.sampling import (
 from em_lightning.questions import QUESTION_TYPES, Question, load_questions
 
 __all__ = [
+    "CONVENTIONS",
+    "Convention",
     "DEFAULT_SAMPLES_PER_PARAPHRASE",
     "EMRate",
     "Generation",
@@ -24,6 +34,7 @@ __all__ = [
     "SampleRequest",
     "SamplingConfig",
     "build_requests",
+    "cluster_bootstrap_ci",
     "em_summary",
     "eos_token_ids",
     "generate",

@@ -79,7 +79,8 @@ def pairwise_abs_cos(vectors: list[np.ndarray]) -> dict[str, Any]:
 
 
 def _last(scalars: dict, tag: str) -> float | None:
-    series = scalars.get(tag)
+    # a demo judge's eval/* metrics are logged under eval_demo/ (labelled here through _judges)
+    series = scalars.get(tag) or scalars.get(tag.replace("eval/", "eval_demo/", 1))
     return float(series[1][-1]) if series and series[1] else None
 
 
