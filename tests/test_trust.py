@@ -299,3 +299,33 @@ def test_warmup_longer_than_the_run_is_an_error(tmp_path, capsys):
                "--trainer.default_root_dir", root)
     assert "model.warmup_steps: 100 is longer than the run's 10 optimizer steps" in line
     assert not root.exists()
+
+
+# -- SLURM: the sbatch script requeues on SIGUSR1's exit code and resumes on a restart ---------------------------
+@pytest.mark.parametrize("restarts, extra, exit_code, resumed, requeued", [
+    ("0", [], 138, False, True),                       # time limit near: step saved, job queued again
+    ("1", [], 0, True, False),                         # the restart resumes the job's own run directory
+    ("0", ["--ckpt_path", "last"], 143, True, False),  # a resume of a given run keeps its directory
+])
+def test_sbatch_requeues_and_resumes(tmp_path, restarts, extra, exit_code, resumed, requeued):
+    import os
+    import subprocess
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text(f'#!/bin/bash\necho "$@" > {tmp_path}/srun.args\nexit {exit_code}\n')
+    (bin_dir / "scontrol").write_text(f'#!/bin/bash\necho "$@" > {tmp_path}/scontrol.args\n')
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "4242", "SLURM_JOB_NUM_NODES": "1",
+           "SLURM_NTASKS_PER_NODE": "2", "SLURM_RESTART_COUNT": restarts}
+    proc = subprocess.run(["bash", str(REPO / "scripts" / "slurm" / "em-fit.sbatch"), "run.yaml", *extra], env=env,
+                          capture_output=True, text=True)
+    assert proc.returncode == exit_code, proc.stderr
+    args = (tmp_path / "srun.args").read_text().split()
+    assert args[:4] == ["em-fit", "fit", "--config", "run.yaml"]
+    assert ("--ckpt_path" in args) == resumed
+    assert (" ".join(args).count("--trainer.logger.init_args.version slurm-4242") == 1) == (not extra)
+    assert (tmp_path / "scontrol.args").is_file() == requeued
+    if requeued:
+        assert (tmp_path / "scontrol.args").read_text().split() == ["requeue", "4242"]

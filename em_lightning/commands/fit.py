@@ -29,7 +29,7 @@ from em_lightning.checkpoints import (
 )
 from em_lightning.data import ChatDataModule
 from em_lightning.fingerprint import ALL, GLOBAL_BATCH, compare, file_identity, flatten, model_identity
-from em_lightning.logger_compat import pin_version, set_purge_step, version_unset
+from em_lightning.logger_compat import hide_epoch_scalar, pin_version, set_purge_step, version_unset
 from em_lightning.module import EMFineTune
 from em_lightning.run_dir import RunDirLock, reserve_version
 from em_lightning.schedule import planned_steps, resolve_schedule_steps
@@ -37,10 +37,11 @@ from em_lightning.schedule import planned_steps, resolve_schedule_steps
 DEFAULT_RUNS_DIR = "runs"
 LOGGER = "lightning.pytorch.loggers.TensorBoardLogger"
 RESUME_LOG = "resume_log.jsonl"  # in the run directory: every change a resume accepted with --allow_changed
-# Options that do not decide the trained result (speed, memory, workers): never part of the fingerprint.
+# Never part of the fingerprint: options that do not decide the trained result (speed, memory, workers), and
+# the run's length, which an extension changes (model.schedule_steps like trainer.max_steps: see README).
 NOT_FINGERPRINTED = ("model.padding_free", "model.validate_before_training", "model.sharding",
                      "model.base.gradient_checkpointing", "model.base.attn_implementation", "data.num_workers",
-                     "data.base")  # data.base is a linked copy of model.base
+                     "data.base", "model.schedule_steps")  # data.base is a linked copy of model.base
 
 
 class PinnedRunConfig(SaveConfigCallback):
@@ -132,6 +133,8 @@ class EMFitCLI(LightningCLI):
         # first, so that its schedule is printed before the bar starts
         trainer_cfg["callbacks"] = [StepValidation(), *(trainer_cfg.get("callbacks") or [])]
         trainer = super().instantiate_trainer(**kwargs)
+        for logger in trainer.loggers:  # no "epoch" card first in TensorBoard: the x axis is the optimizer step
+            hide_epoch_scalar(logger)
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # a user's own CheckpointIO stays
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         return trainer
