@@ -85,5 +85,6 @@ def test_any_split_gives_the_whole_step_token_mean(padding_free):
     for batch_size, accumulate, world in [(8, 1, 1), (2, 4, 1), (1, 8, 1), (2, 2, 2), (1, 2, 4), (1, 1, 8)]:
         got, logged = run_split(module, data, batch_size, accumulate, world)
         split = f"{batch_size} rows x {accumulate} micro-batches x {world} ranks"
-        assert logged == pytest.approx(float(reference), rel=1e-5), split
-        assert torch.allclose(got, want, rtol=1e-4, atol=1e-7 * float(want.abs().max())), split
+        assert logged == pytest.approx(float(reference.detach()), rel=1e-5), split
+        error = float((got - want).norm() / want.norm())
+        assert error < 1e-5, (split, error)  # float rounding only; a wrong split weighting is off by > 1e-2
