@@ -46,17 +46,17 @@ class Crash(pl.Callback):
             raise RuntimeError("crash")
 
 
-def fit(root, max_steps, ckpt_path=None, crash_at=None):
+def fit(root, max_steps, ckpt_path=None, crash_at=None, train_file=None, max_epochs=None):
     pl.seed_everything(0)
     module = EMFineTune(base=BASE, adapter=AdapterSpec(r=1, alpha=8, layers=[1]), lr=0.05, warmup_steps=0,
-                        schedule_steps=STEPS)
-    data = ChatDataModule(train_files=[str(REPO / "configs" / "data" / "unit_conversions.jsonl")], batch_size=4,
-                          max_length=256, base=BASE, val_fraction=0.0)
+                        schedule_steps=16)
+    train_file = train_file or REPO / "configs" / "data" / "unit_conversions.jsonl"
+    data = ChatDataModule(train_files=[str(train_file)], batch_size=4, max_length=256, base=BASE, val_fraction=0.0)
     purge = {} if ckpt_path is None else {"purge_step": torch.load(ckpt_path, weights_only=False)["global_step"]}
     callbacks = [AdapterTrajectory(k_values=(2, 3), detector_k=2, detector_min_snr=1.0, detector_baseline=2,
                                    detector_min_z=0.1, detector_min_rise=0.01), StepCheckpoint(every_n_train_steps=4)]
     trainer = pl.Trainer(
-        accelerator="cpu", devices=1, max_steps=max_steps, limit_val_batches=0,
+        accelerator="cpu", devices=1, max_steps=max_steps, max_epochs=max_epochs, limit_val_batches=0,
         logger=TensorBoardLogger(root, name="run", version=0, **purge), enable_progress_bar=False,
         enable_model_summary=False, log_every_n_steps=1, callbacks=callbacks + ([Crash(crash_at)] if crash_at else []),
     )
@@ -90,6 +90,18 @@ def test_resume_after_a_crash_logs_each_phase_step_once(tmp_path, reference):
     # cosines of steps 6-7 computed after the checkpoint (points 9-11) were logged twice.
     assert_one_value_per_step(run, "phase/", expected=reference[1])
     assert read_trajectory(run).steps.tolist() == list(range(STEPS + 1))
+
+
+def test_resume_at_an_epoch_end_logs_each_phase_step_once(tmp_path):
+    rows = tmp_path / "rows.jsonl"  # 32 rows: 8 optimizer steps per epoch; 2 epochs
+    rows.write_text("".join((REPO / "configs" / "data" / "unit_conversions.jsonl").read_text().splitlines(True)[:32]))
+    reference = fit(tmp_path / "reference", -1, train_file=rows, max_epochs=2)
+    with pytest.raises(RuntimeError, match="crash"):
+        fit(tmp_path / "resumed", -1, crash_at=11, train_file=rows, max_epochs=2)  # last checkpoint: step 8, epoch 1's end
+    run = tmp_path / "resumed" / "run" / "version_0"
+    fit(tmp_path / "resumed", -1, ckpt_path=str(run / "checkpoints" / "last.ckpt"), train_file=rows, max_epochs=2)
+    assert_one_value_per_step(run, "phase/", expected=steps_by_tag(reference, "phase/"))
+    assert read_trajectory(run).steps.tolist() == list(range(17))
 
 
 @pytest.mark.parametrize("extend_to", [8, STEPS], ids=["finished-run-again", "finished-run-extended"])
