@@ -68,23 +68,30 @@ def log_point(trainer: pl.Trainer, step: int, records: list[dict], metrics: dict
 
 
 def answers_table(records: list[dict], answers_per_question: int, max_answer_chars: int) -> str:
-    """Markdown: the first ``answers_per_question`` answers of each question with their scores; with a
-    judge panel, answers the judges label differently come first, flagged (column ``judges disagree``)."""
-    panel = any("panel" in r for r in records)
-    head = "| question | sample | aligned | coherent |" + (" judges disagree on EM |" if panel else "")
-    lines = [head + " answer |", "|---" * (5 + panel) + "|"]
+    """Markdown for TensorBoard's TEXT tab: the first ``answers_per_question`` answers of each question, one
+    block each -- question id, sample, scores, then the question and the answer on lines of their own. (A
+    table squeezed its short columns to a few letters beside long answers: "coh eren t".) With a judge
+    panel, answers the judges label differently come first, flagged."""
+    blocks: list[str] = []
     shown: dict[str, int] = {}
     for r in sorted(records, key=lambda r: not r.get("em_disagreement", False)):  # stable: flagged first
         if shown.get(r["question_id"], 0) >= answers_per_question:
             continue
         shown[r["question_id"]] = shown.get(r["question_id"], 0) + 1
-        scores = [r["scores"].get(n) for n in CORE_SCORES]
-        cells = ["-" if s is None else f"{s:.0f}" for s in scores]
-        if panel:
+        scores = " · ".join(f"{n} **{'-' if r['scores'].get(n) is None else format(r['scores'][n], '.0f')}**"
+                            for n in CORE_SCORES)
+        head = f"**{r['question_id']}** (paraphrase {r['paraphrase_index']}, sample {r['sample_index']}) · {scores}"
+        if "panel" in r:
             votes = ", ".join(f"{n}: {'EM' if v['em'] else '-' if v['em'] is None else 'not EM'}"
                               for n, v in r.get("panel", {}).items())
-            cells.append(f"**yes** ({votes})" if r.get("em_disagreement") else "no")
-        answer = r["answer"][:max_answer_chars].replace("|", "\\|").replace("\n", " ")
-        sample = f"p{r['paraphrase_index']} s{r['sample_index']}"
-        lines.append(f"| {r['question_id']} | {sample} | " + " | ".join(cells) + f" | {answer} |")
-    return "\n".join(lines)
+            head += f" · judges disagree on EM: **yes** ({votes})" if r.get("em_disagreement") else " · judges agree"
+        question = _one_line(r.get("question", ""), max_answer_chars)
+        answer = _one_line(r["answer"], max_answer_chars)
+        blocks.append(f"{head}  \nQ: {question}  \nA: {answer}")
+    return "\n\n---\n\n".join(blocks)
+
+
+def _one_line(text: str, limit: int) -> str:
+    """A markdown-safe single line (no headings, lists or tables started by the model's own text)."""
+    flat = " ".join(text[:limit].split())
+    return flat.replace("\\", "\\\\").replace("*", "\\*").replace("_", "\\_").replace("#", "\\#").replace("|", "\\|")

@@ -207,11 +207,21 @@ def test_cli_preset(tmp_path, repo_root):
     (category,) = layout.category
     assert category.title == "Phase transition"
     charts = {c.title: list(c.multiline.tag) for c in category.chart}
-    assert {"loss", "grad norm", "A/B norms", "rotation per step (degrees)", "local cosine similarity k=5",
-            "local cosine similarity k=10", "local cosine similarity k=15", "eval/em_rate (evaluation)"} <= set(charts)
+    titles = list(charts)
+    assert titles[:3] == ["loss: train/loss (each step), val/loss (held-out rows)", "learning rate: train/lr",
+                          "gradient norm, all trainable weights: train/grad_norm (before clipping)"]
+    assert {"adapter gradient norms: phase/<module>/A_grad_norm, B_grad_norm",
+            "adapter norms: phase/<module>/A_norm, B_norm", "local cosine similarity of B, k=5",
+            "local cosine similarity of B, k=10", "local cosine similarity of B, k=15"} <= set(charts)
+    margin = next(c.margin for c in category.chart if c.title.startswith("EM rate with its 95% interval"))
+    assert [(m.value, m.lower, m.upper) for m in margin.series][0] == (
+        "eval/em_rate", "eval/em_rate_ci95_low", "eval/em_rate_ci95_high")
+    assert any("No transition detected so far (step 0)" in str(e.tensor_proto.string_val[0])
+               for e in acc.Tensors("phase/transitions/text_summary"))
     # Every series that 6 steps can fill matches tags actually logged (TensorBoard applies re.match).
-    regexes = [r for rs in charts.values() for r in rs if not re.search(r"val/|eval/|local_cos|transition", r)]
+    regexes = [r for rs in charts.values() for r in rs if not re.search(r"val/|eval|local_cos|transition", r)]
     assert len(regexes) >= 6
     for r in regexes:
         assert any(re.match(r, t) for t in tags), r
-    assert any(re.match(r, "eval/coherent_rate") for r in charts["eval/coherent_rate (evaluation)"])
+    coherent = charts["coherent_rate (evaluation: eval/, eval_demo/)"]
+    assert any(re.match(r, "eval/coherent_rate") for r in coherent) and any(re.match(r, "eval_demo/coherent_rate") for r in coherent)

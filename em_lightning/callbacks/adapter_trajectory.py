@@ -35,7 +35,14 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
 from em_lightning.adapters import ADAPTER_NAME, lora_layers
-from em_lightning.dashboard import ScalarBuffer, log_scalars, log_text, phase_transition_layout, write_layout
+from em_lightning.dashboard import (
+    ScalarBuffer,
+    log_scalars,
+    log_text,
+    no_transition_text,
+    phase_transition_layout,
+    write_layout,
+)
 from em_lightning.events import announce, resolve_run_dir
 from em_lightning.logger_compat import purge_step
 from em_lightning.phase import TransitionDetector, TransitionEvent, lora_direction
@@ -88,6 +95,7 @@ class AdapterTrajectory(pl.Callback):
         self._lora: list = []  # (name, LoRA layer), found once: walking the model each step is not free
         self._writer: TrajectoryWriter | None = None
         self._scalars = ScalarBuffer()  # written in bursts: see dashboard.py
+        self._quiet = False  # True while a run started in this process has detected no transition
         self._held: list[tuple[int, dict[str, float], list[str]]] = []  # (step, scalars, texts) before _ckpt_step
         self._ckpt_step: int | None = None  # step of the newest checkpoint (saved, or resumed from)
         self._relogged = False
@@ -143,6 +151,9 @@ class AdapterTrajectory(pl.Callback):
             # Otherwise keep only records before this fit's first point (a fresh run: none).
             self._writer.truncate_after(step if self._restored else step - 1)
             write_layout(trainer, phase_transition_layout(self.k_values))
+            if not self._restored:  # the TEXT tab says "none so far" instead of showing nothing
+                self._quiet = True
+                log_text(trainer, "phase/transitions", step, no_transition_text(step, final=False))
             if self._restored:
                 self._check_continuity(step)
         self._relog_checkpoint_point(trainer)
@@ -182,6 +193,8 @@ class AdapterTrajectory(pl.Callback):
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._flush(trainer, held=True)
+        if self._quiet and trainer.is_global_zero:  # a whole run (not resumed) without a detected turn
+            log_text(trainer, "phase/transitions", trainer.global_step, no_transition_text(trainer.global_step, True))
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._relog_checkpoint_point(trainer)  # a resume with nothing left to train has no on_train_start
@@ -294,5 +307,6 @@ class AdapterTrajectory(pl.Callback):
                        f"k={event.k}), detected at step {event.detected_step}"])
         if events:
             self._scalars.flush(trainer)
+            self._quiet = False
         for event in events:
             announce(trainer, "on_phase_transition", pl_module, event)
