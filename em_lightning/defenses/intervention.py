@@ -86,7 +86,11 @@ class TrainingIntervention:
             raise ValueError(f"mode: expected steer or ablate, got {self.mode!r}")
         if not self.layers:
             raise ValueError("layers: expected at least one decoder layer")
-        d = load_any_direction(self.direction)  # a bad file fails at construction, before training
+        try:  # a bad file fails at construction, before training
+            d = load_any_direction(self.direction)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"{e} (direction: a run's directions/step_XXXXXXX.safetensors or a persona "
+                                    "vector .pt; the defense presets ship a placeholder path)") from None
         if self.mode == "steer":
             self.vectors = steering_vectors(d, list(self.layers), self.alpha, self.source_layer)
         else:
