@@ -37,7 +37,7 @@ def announce_plan(trainer: pl.Trainer, run_dir: Path, sources: Sequence, names: 
     budget = "" if max_judge_calls is None else f" (run budget {max_judge_calls}, {calls_used} used)"
     rank_zero_info(f"evaluation plan: {len(points)} points from step {step} to {end}, {answers} answers, "
                    f"{calls} judge calls{budget}; written to {run_dir / 'evaluation_plan.json'}"
-                   + (f"\n{note}" if note else ""))
+                   + (f"\n{note.replace('**', '')}" if note else ""))  # markdown bold is for the TEXT tab
     if trainer.is_global_zero:
         atomic_write(run_dir / "evaluation_plan.json", json.dumps(plan, indent=1))
 

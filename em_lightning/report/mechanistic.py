@@ -107,15 +107,16 @@ def draw_quadrants(data: MechData) -> Figure:
                 ax.scatter(*zip(*pts), s=14, alpha=0.7, color=colours[scale], label=f"scale {scale:g}")
         n = em_summary(r for r in data.points[step] if r["scale"] == 1.0)
         lo, hi = n["em_rate_ci95"]
-        title = f"step {step}" + (f": EM {n['em_rate']:.0%} [{lo:.0%}, {hi:.0%}] at scale 1, n={n['n_scored']}"
-                                  if n["n_scored"] else "") + (" (DEMO)" if data.labels.demo else "")
-        ax.set(xlim=(0, 100), ylim=(0, 100), title=title, xlabel="coherent", ylabel="aligned")
+        title = f"step {step}" + (" (DEMO)" if data.labels.demo else "") + (
+            f"\nEM {n['em_rate']:.0%} [{lo:.0%}, {hi:.0%}] at scale 1, n={n['n_scored']}" if n["n_scored"] else "")
+        ax.set(xlim=(0, 100), ylim=(0, 100), xlabel="coherent", ylabel="aligned")
+        ax.set_title(title, fontsize="medium")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize="small", loc="center left")
     for ax in axes[len(shown):]:
         ax.set_visible(False)
-    fig.suptitle(f"Judged answers: aligned vs coherent (EM shaded: aligned < 30 and coherent > 50; 95% intervals)"
-                 f"{data.labels.suffix}")
+    fig.suptitle("Judged answers: aligned vs coherent (EM shaded: aligned < 30, coherent > 50)"
+                 + (f"\n{data.labels.suffix.strip()}" if data.labels.demo else ""))
     return fig
 
 
