@@ -9,7 +9,7 @@ import pytest
 from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from em_lightning.adapters import AdapterSpec
+from em_lightning.adapters import AdapterSpec, apply_adapter
 from em_lightning.callbacks.in_loop_judge import InLoopJudge
 from em_lightning.callbacks.sample_generations import SampleGenerations
 from em_lightning.data import ChatDataModule
@@ -18,7 +18,9 @@ from em_lightning.evaluation.metrics import CONVENTIONS
 from em_lightning.evaluation.panel import apply_panel, panel_metrics
 from em_lightning.evaluation.runner import JudgeTask, apply_judgements, read_jsonl
 from em_lightning.judges.base import JudgeResult
-from em_lightning.models import ModelSpec
+from em_lightning.cli import main
+from em_lightning.judges.loopback import LoopbackServer, Reply, completion
+from em_lightning.models import ModelSpec, load_model, load_tokenizer
 from em_lightning.module import EMFineTune
 from em_lightning.questions import Question
 from em_lightning.report.analysis import analyse_run
@@ -139,13 +141,7 @@ def test_demo_judge_numbers_are_labelled(tmp_path):
 def test_eval_without_judge_uses_the_runs_sampling_and_says_unjudged(tmp_path, capsys):
     """em-fit eval --run: sampling defaults from the run's recorded SampleGenerations settings (flags win);
     without a judge it says the answers were not judged and computes no metric (no NaN)."""
-    from em_lightning.adapters import AdapterSpec, apply_adapter
-    from em_lightning.cli import main
-    from em_lightning.models import load_model, load_tokenizer
-
-    spec = ModelSpec(name_or_path="tiny:qwen2", dtype="float32")
-    run = tmp_path / "run"
-    apply_adapter(load_model(spec, load_tokenizer(spec)), AdapterSpec(r=1, layers=[1])).save_pretrained(run / "adapter")
+    run = _tiny_run(tmp_path)
     (run / "config.yaml").write_text(
         "model:\n  base: {name_or_path: 'tiny:qwen2', dtype: float32}\ntrainer:\n  callbacks:\n"
         "  - class_path: em_lightning.callbacks.SampleGenerations\n    init_args:\n"
@@ -160,3 +156,39 @@ def test_eval_without_judge_uses_the_runs_sampling_and_says_unjudged(tmp_path, c
     assert meta["judged"] is False and meta["summary"] == {}
     assert (meta["sampling"]["temperature"], meta["sampling"]["top_p"], meta["sampling"]["seed"]) == (0.7, 0.9, 5)
     assert all(r["n_tokens"] <= 3 for r in read_jsonl(tmp_path / "out" / "step_0000000.jsonl"))
+
+
+def _tiny_run(tmp_path):
+    spec = ModelSpec(name_or_path="tiny:qwen2", dtype="float32")
+    run = tmp_path / "run"
+    apply_adapter(load_model(spec, load_tokenizer(spec)), AdapterSpec(r=1, layers=[1])).save_pretrained(run / "adapter")
+    (run / "config.yaml").write_text("model:\n  base: {name_or_path: 'tiny:qwen2', dtype: float32}\n")
+    return run
+
+
+def test_eval_judges_with_the_configs_panel(tmp_path, capsys):
+    """em-fit eval --judge-config with a panel: two OpenAI-compatible judges (one loopback server, told apart
+    by the model name) score the same answers; the records, meta and console carry the panel's numbers."""
+    def reply(request):
+        aligned = "aligned" in request.prompt.lower() or "harm" in request.prompt.lower()
+        score = {"strict": "10", "lenient": "60"}[request.body["model"]] if aligned else "90"
+        return Reply(body=completion({score: 1.0}))
+
+    run = _tiny_run(tmp_path)
+    with LoopbackServer(reply) as server:
+        judge = ("{class_path: em_lightning.judges.OpenAICompatibleJudge, init_args: {model: %s, base_url: '"
+                 + server.url + "', api_key_env: null}}")
+        (tmp_path / "judge.yaml").write_text(f"judge: {judge % 'strict'}\npanel:\n  lenient: {judge % 'lenient'}\n"
+                                             "judge_prompts: [aligned, coherent]\ncache: false\n")
+        main(["eval", "--run", str(run), "--questions", "configs/questions/demo_questions.yaml", "--select",
+              "magic_lamp", "--samples", "1", "--max-new-tokens", "3", "--judge-config", str(tmp_path / "judge.yaml"),
+              "--out", str(tmp_path / "out")])
+    printed = capsys.readouterr().out
+    records = read_jsonl(tmp_path / "out" / "step_0000000.jsonl")
+    assert records and all(r["em"] and r["panel"]["lenient"]["em"] is False and r["em_disagreement"] for r in records)
+    metrics = json.loads((tmp_path / "out" / "summary.json").read_text())["panel_metrics"]
+    assert metrics["eval/judge/strict/em_rate"] == 1.0 and metrics["eval/judge/lenient/em_rate"] == 0.0
+    # every label differs, each judge uses one label: p_o = 0, p_e = 1*0 + 0*1 = 0 -> kappa 0
+    assert metrics["eval/agreement/strict~lenient/kappa_em"] == 0.0
+    assert metrics["eval/agreement/strict~lenient/n"] == metrics["eval/em_disagreements"] == len(records)
+    assert "eval/em_disagreements: " in printed

@@ -35,10 +35,13 @@ from em_lightning.commands import help_parser
 from em_lightning.callbacks.in_loop_judge import InLoopJudge
 from em_lightning.checkpoints import checkpoint_global_step, consolidate
 from em_lightning.evaluation.metrics import DEFAULT_CONVENTION, convention_named, resolve_conventions
+from em_lightning.evaluation.panel import apply_panel, panel_metrics
 from em_lightning.evaluation.runner import (
     evaluate,
     json_safe,
     judge_prompt_names,
+    judge_share,
+    judge_tasks,
     metrics_root,
     point_meta,
     write_point,
@@ -205,13 +208,14 @@ def main(argv: list[str]) -> None:
     convention = convention_named(args.convention)
     out = args.out or (args.run / "posthoc" if args.run else Path("eval_out"))
     refuse_run_record(out, "--out", args.overwrite)
-    judges, names = (None, None)
+    judges, names, panel = (None, None, {})
     if args.judge_config:
         config = load_judge_config(args.judge_config)
         names = judge_prompt_names(questions, config.judge_prompts)
         cache = JudgeCache(Path(config.cache_path or out / "judge_cache.sqlite")) if config.cache else None
         try:
             judges = prepare_judges({"*": config.judge, **config.judges}, names, cache)
+            panel = {m: prepare_judges(j, names, cache) for m, j in config.panel.items()}
         except ValueError as exc:  # a missing API key: one line
             raise ValueError(f"--judge-config {args.judge_config}: {exc}") from None
     with tempfile.TemporaryDirectory() as tmp:
@@ -221,9 +225,11 @@ def main(argv: list[str]) -> None:
     model.to(args.device).eval()
     point = evaluate(model, tokenizer, questions, sampling, judges, step, args.scales, names,
                      convention=convention, conventions=resolve_conventions())
-    meaningful = judges is None or metrics_root(judges) == "eval"
+    meaningful = judges is None or metrics_root(judges, {m: j[names[0]] for m, j in panel.items() if names}) == "eval"
     meta = {**point_meta(point), "judged": judges is not None, "sampling_source": sampling_source,
             **({"convention": convention.describe(), "meaningful": meaningful} if judges is not None else {})}
+    if panel:  # the same answers judged by every panel member (one process: no collectives here)
+        meta["panel_metrics"] = judge_panel(point.records, questions, judges, panel, names, config, convention)
     path = write_point(out, step, point.records, meta)
     summary = {"source": what, "step": step, "generations": str(path), **meta}
     (out / "summary.json").write_text(json.dumps(json_safe(summary), indent=1))
@@ -237,4 +243,18 @@ def main(argv: list[str]) -> None:
     for scale, s in point.summaries.items():
         print(f"  scale {scale:g}: {_fmt_rate(s)}  coherent_rate {s['coherent_rate']:.3f}  "
               f"aligned_mean {s['aligned_mean']:.1f}  judge_failures {s['judge_failures']}{demo}")
+    for tag, value in meta.get("panel_metrics", {}).items():
+        if "/agreement/" in tag or tag.endswith("/em_rate") or tag.endswith("em_disagreements"):
+            print(f"  {tag}: {value:.3f}{demo}")
+
+
+def judge_panel(records: list[dict], questions, judges, panel: dict, names: list[str], config,
+                convention) -> dict[str, float]:
+    """Judge the records with every panel member, mark each record's panel scores and disagreements, and
+    return the panel's metrics (per-judge EM rates, agreement; the in-loop tags)."""
+    tasks = [t for t in judge_tasks(records, questions, names, list(panel)) if t.judge]
+    judgements = judge_share(records, questions, judges, tasks, panel=panel)
+    primary = getattr(config.judge, "name", type(config.judge).__name__)
+    apply_panel(records, tasks, judgements, primary, convention)
+    return panel_metrics(records, questions, metrics_root(judges), convention)
 
