@@ -4,7 +4,8 @@ value, the mean and a 95% interval of each run's final numbers, and how alike th
 Each run is read through ``report.analysis`` (TensorBoard scalars; transitions by the live callback's
 rule on the recorded trajectory) and ``phase.store`` (the final B vectors). The interval is Student's t
 across seeds (``scipy.stats.t``, n - 1 degrees of freedom, from the runs' final values; none for one
-seed): it states the seed-to-seed spread, not the sampling error of each run's EM rate. EM numbers carry
+seed): it states the seed-to-seed spread, not the sampling error of each run's EM rate (and with few seeds
+it may reach past [0, 1] for a rate). Only finished cells (status done) count. EM numbers carry
 the judge that produced them; a judge whose scores mean nothing (the offline demo judge) is said so next
 to every EM number."""
 
@@ -21,23 +22,25 @@ import numpy as np
 from scipy import stats
 
 from em_lightning.phase.store import read_trajectory
-from em_lightning.report.analysis import COHERENT_RATE, EM_RATE, analyse_run, read_scalars
+from em_lightning.report.analysis import analyse_run, read_scalars
+from em_lightning.report.eval_labels import eval_labels
 from em_lightning.sweep.grid import SEED_KEY, value_label
 from em_lightning.sweep.plan import DONE, SweepPlan
 
 INTERVAL = "95% Student t-interval across seeds (scipy.stats.t, n-1 dof) of the runs' final values"
 VAL_LOSS, MARGIN = "val/loss", "mech/logprob_margin"
 # metric -> (TensorBoard tag or None, what it is); each run contributes its value at its last logged step.
+# The EM tags' root is the run's (eval/, or eval_demo/ for a judge whose scores mean nothing: report/eval_labels).
 METRICS = {
-    "em_rate": (EM_RATE, "final EM rate (adapter scale 1)"),
-    "coherent_rate": (COHERENT_RATE, "final coherent rate (adapter scale 1)"),
+    "em_rate": (None, "final EM rate (adapter scale 1)"),
+    "coherent_rate": (None, "final coherent rate (adapter scale 1)"),
     "val_loss": (VAL_LOSS, "final val/loss"),
     "logprob_margin": (MARGIN, "final logprob margin, misaligned minus aligned (judge-free, triples file)"),
+    "logprob_margin_change": (None, "logprob margin change, final minus step 0 (judge-free)"),
     "cos_b_direction": (None, "final cos(B, misalignment direction), mean over modules (mech/<m>/cos_B_direction)"),
     "transition_step": (None, "first detected transition step (runs with one)"),
 }
 JUDGED = ("em_rate", "coherent_rate")
-DEMO_MARK = "demo-judge"  # DemoJudge's name prefix (em_lightning/judges/demo.py)
 
 
 @dataclass
@@ -51,6 +54,8 @@ class RunResult:
     has_transition: bool | None = None
     b_final: dict[str, np.ndarray] = field(default_factory=dict)  # module -> final B vector
     judges: dict[str, str] = field(default_factory=dict)  # judge prompt name -> judge name
+    demo_judge: bool = False  # its judge's scores mean nothing
+    convention: str | None = None  # the EM rule its rates use
     notes: list[str] = field(default_factory=list)
 
 
@@ -99,13 +104,18 @@ def _judges(run_dir: Path) -> dict[str, str]:
 def read_run(plan: SweepPlan, cell) -> RunResult:
     run_dir = plan.run_dir(cell)
     result = RunResult(cell.name, cell.setting, cell.values, run_dir, plan.status(cell).get("state", "not started"))
-    if not run_dir.is_dir():
-        result.notes.append("no run directory")
+    if result.state != DONE:  # a running or failed run's last values are not its final ones
+        result.notes.append(f"{result.state}: left out of the statistics")
         return result
     scalars = read_scalars(run_dir)
+    labels = eval_labels(run_dir, scalars)
+    result.demo_judge, result.convention = labels.demo, labels.convention
     for key, (tag, _) in METRICS.items():
+        tag = labels.tag(key) if key in JUDGED else tag
         if tag is not None and (value := _last(scalars, tag)) is not None:
             result.finals[key] = value
+    if MARGIN in scalars and len(scalars[MARGIN][1]) > 1:
+        result.finals["logprob_margin_change"] = scalars[MARGIN][1][-1] - scalars[MARGIN][1][0]
     cos = [_last(scalars, t) for t in scalars if t.startswith("mech/") and t.endswith("/cos_B_direction")]
     if cos := [c for c in cos if c is not None and math.isfinite(c)]:
         result.finals["cos_b_direction"] = float(np.mean(cos))
@@ -131,10 +141,12 @@ def read_run(plan: SweepPlan, cell) -> RunResult:
 
 def judge_label(runs: list[RunResult]) -> dict[str, Any]:
     names = sorted({name for r in runs for name in r.judges.values()})
-    demo = any(DEMO_MARK in n for n in names)
-    return {"judges": names, "meaningful": None if not names else not demo,
+    demo = any(r.demo_judge for r in runs)
+    judged = names or any(key in r.finals for r in runs for key in JUDGED)
+    return {"judges": names, "meaningful": None if not judged else not demo,
+            "convention": sorted({r.convention for r in runs if r.convention}),
             "note": ("DEMO JUDGE: a tiny random model rigged to answer with numbers; its EM and coherence numbers "
-                     "MEAN NOTHING (plumbing only)") if demo else ("no judged evaluation points" if not names else
+                     "MEAN NOTHING (plumbing only)") if demo else ("no judged evaluation points" if not judged else
                                                                     "judge scores as produced by the judges named")}
 
 
@@ -175,6 +187,8 @@ def summarize(plan: SweepPlan) -> tuple[dict[str, Any], list[RunResult]]:
         "b_cosine": "pairwise |cos| of the seeds' final B vectors (trajectory/), per module: 1 = one direction",
         "per_setting": per_setting, "per_grid_value": per_value,
         "runs": [{"cell": r.cell, "state": r.state, "run_dir": str(r.run_dir), "finals": r.finals,
-                  "has_transition": r.has_transition, "judges": r.judges, "notes": r.notes} for r in runs],
+                  "has_transition": r.has_transition, "judges": r.judges,
+                  **({"em_judge": "demo judge: means nothing"} if r.demo_judge else {}), "notes": r.notes}
+                 for r in runs],
     }
     return summary, runs
