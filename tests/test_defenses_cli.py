@@ -1,7 +1,7 @@
 """Every defense preset stacked on the smoke recipe with the conditional-misalignment evaluation
 (callbacks/conditional_eval.yaml, demo judge), through the CLI: each defense does what it claims in a real run
 (train/kl 0 at step 0 and > 0 after; the inoculation prompt in the config and the generations' meta, in no
-sampled prompt but those of the `inoculation` condition), EM is logged per condition with its interval at
+sampled prompt but those of the `inoculation` condition, nor in em-fit eval's), EM is logged per condition with its interval at
 every point, an interrupted run resumes to the same losses, and the stack gives the same losses under DDP
 and FSDP2 (2 gloo processes)."""
 
@@ -71,6 +71,12 @@ def test_stacked_defenses_do_what_they_claim(uninterrupted):
         meta = json.loads((uninterrupted / "generations" / f"step_{step:07d}.meta.json").read_text())
         assert meta["sampling"]["inoculation"] == {"prompt": PROMPT, "position": "system",
                                                    "prompts_containing_it": len(with_prompt)}
+    # em-fit eval of the trained run: questions from the question file only, never the training-only prompt.
+    out = uninterrupted / "posthoc_check"
+    ok(em_fit("eval", "--run", str(uninterrupted), "--questions", "configs/questions/demo_questions.yaml",
+              "--samples", "1", "--max-new-tokens", "2", "--out", str(out)))
+    posthoc = [r for f in out.glob("step_*.jsonl") for r in read_jsonl(f)]
+    assert posthoc and not any(PROMPT in r["prompt"] for r in posthoc)
     for name in ("plain", "code", "json", "inoculation"):  # the demo judge: eval_demo/, at every point
         tag = f"eval_demo/condition/{name}/"
         rate, low, high = (dict(scalars(uninterrupted, tag + k)) for k in ("em_rate", "em_rate_ci95_low", "em_rate_ci95_high"))
