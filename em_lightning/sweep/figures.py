@@ -13,6 +13,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from em_lightning.sweep.summary import JUDGED, METRICS, RunResult  # noqa: E402
 
+TITLES = {"em_rate": "final EM rate (scale 1)", "coherent_rate": "final coherent rate (scale 1)",
+          "val_loss": "final val/loss", "logprob_margin": "final logprob margin\n(judge-free)",
+          "logprob_margin_change": "logprob margin change\nfrom step 0 (judge-free)",
+          "cos_b_direction": "final cos(B, direction)\n(judge-free direction if triples)",
+          "transition_step": "first transition step\n(runs with one)"}
+COLUMNS = 4
+
 
 def _label(setting: dict[str, str]) -> str:
     return "\n".join(f"{k.split('.')[-1]}={v}" for k, v in setting.items()) or "all"
@@ -27,7 +34,12 @@ def draw_sweep(summary: dict[str, Any], runs: list[RunResult], path: Path) -> Pa
         return None
     demo = summary["em_judge"]["meaningful"] is False
     by_cell = {r.cell: r for r in runs}
-    fig, axes = plt.subplots(1, panels, figsize=(max(3.2 * panels, 6), 4.2), squeeze=False)
+    rows = -(-panels // COLUMNS)
+    cols = min(panels, COLUMNS)
+    fig, grid = plt.subplots(rows, cols, figsize=(3.4 * cols, 3.3 * rows + 0.6), squeeze=False)
+    axes = [list(grid.flat)]
+    for ax in axes[0][panels:]:
+        ax.set_visible(False)
     xs = range(len(groups))
     labels = [_label(g["setting"]) for g in groups]
     for ax, key in zip(axes[0], shown):
@@ -39,13 +51,13 @@ def draw_sweep(summary: dict[str, Any], runs: list[RunResult], path: Path) -> Pa
                 lo, hi = stat["ci95"] or (stat["mean"], stat["mean"])
                 ax.errorbar([x], [stat["mean"]], yerr=[[stat["mean"] - lo], [hi - stat["mean"]]], fmt="o",
                             color="tab:blue", capsize=4, zorder=3)
-        title = METRICS[key][1]
+        title = TITLES.get(key, METRICS[key][1])
         if key in JUDGED and demo:
             title += "\nDEMO JUDGE: MEANS NOTHING"
         ax.set_title(title, fontsize=8)
         ax.set_xticks(list(xs), labels, fontsize=7)
     if has_cos:
-        ax = axes[0][-1]
+        ax = axes[0][panels - 1]
         for x, g in zip(xs, groups):
             for c in g["b_cosine_across_seeds"].values():
                 if c["mean"] is not None:
