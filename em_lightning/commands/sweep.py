@@ -48,8 +48,11 @@ def main(argv: list[str]) -> None:
     extra: list[str] = []
     if "--" in argv:
         argv, extra = argv[: argv.index("--")], argv[argv.index("--") + 1 :]
-    parser = argparse.ArgumentParser(prog="em-fit sweep", description=__doc__.splitlines()[0],
-                                     epilog="em-fit sweep report DIR: the summary across seeds")
+    parser = argparse.ArgumentParser(
+        prog="em-fit sweep", usage="em-fit sweep --config BASE.yaml --grid GRID.yaml --out DIR [options] [-- em-fit options]",
+        description="A grid of em-fit runs (seeds x settings), one after another here or as a SLURM job array; "
+                    "options after -- go to every cell's em-fit fit.",
+        epilog="em-fit sweep report DIR: means and 95%% intervals across seeds (sweep_summary.json, .md, .png)")
     parser.add_argument("--config", action="append", required=True, help="base config file(s), merged in order")
     parser.add_argument("--grid", type=Path, required=True, help="YAML: dotted option -> list of values")
     parser.add_argument("--out", type=Path, required=True, help="the sweep's folder (runs/, status/, logs/)")
