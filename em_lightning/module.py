@@ -224,7 +224,15 @@ class EMFineTune(pl.LightningModule):
         exported. Cost: one host sync per optimizer step (the .item() below; Lightning's logging syncs once
         per step anyway) and one foreach max-norm over the trainable weights (like the gradient norm's). The
         values are equal on every rank (reduced or gathered), so every rank stops at the same step."""
-        weights = full(torch.nn.utils.get_total_norm(self.trainable_parameters(), norm_type=float("inf")))
+        # Each rank's local part (an FSDP2 rank's shard of a small tensor can be empty, and the inf-norm of an
+        # empty tensor raises); under FSDP2 the ranks' maxima are summed (one collective on every rank): the sum
+        # is finite exactly when every part is.
+        parts = [t for t in (p.detach().to_local() if hasattr(p, "to_local") else p.detach()
+                             for p in self.trainable_parameters()) if t.numel()]
+        weights = (torch.nn.utils.get_total_norm(parts, norm_type=float("inf")) if parts
+                   else torch.zeros((), device=self.device))
+        if is_sharded(self.model):
+            weights = self.trainer.strategy.reduce(weights, reduce_op="sum")
         values = torch.cat([self._health, weights.float().reshape(1).to(self._health.device)])
         if bool(torch.isfinite(values).all().item()):
             return
