@@ -30,7 +30,7 @@ assistant-only loss needs `{% generation %}` markers: it gets the model's own ch
 Every trainer starts from the same weights (the LoRA A vector is set from a fixed seed, B is zero), and the
 first optimizer step's token-weighted loss of each is printed and asserted equal (within the dtype's tolerance).
 
-Roofline: the script times torch.matmul on the model's own shapes (512 tokens x each decoder projection, and
+Roofline (in CPU time, so other load on the machine does not move it): the script times torch.matmul on the model's own shapes (512 tokens x each decoder projection, and
 the LM head) in the run's dtype and thread count, and reports em-lightning's achieved GFLOP/s over that peak.
 Counted FLOPs per timed token: 2 x (decoder linear weights) forward, 2 x (linear weights of the layers from
 the adapter's up: input gradients only, the base is frozen) backward, and 4 x (head) per labelled token (logits
@@ -139,8 +139,9 @@ def linear_shapes(model, layer: int) -> tuple[list[tuple[int, int]], list[tuple[
 
 
 def matmul_peak(shapes: list[tuple[int, int]], dtype: str, tokens: int = 512, repeats: int = 5) -> float:
-    """GFLOP/s of torch.matmul on (tokens x in) @ (in x out) and the transposed product (input gradients), for
-    each distinct weight shape, in ``dtype``: the roofline this machine gives these shapes now."""
+    """GFLOP per CPU-second of torch.matmul on (tokens x in) @ (in x out) and the transposed product (input
+    gradients), for each distinct weight shape, in ``dtype``: the roofline these shapes get on this CPU. CPU time,
+    not wall time: on a shared machine the process is descheduled, which CPU time does not count."""
     import torch
 
     dt, flops, seconds = getattr(torch, dtype), 0.0, 0.0
@@ -148,10 +149,10 @@ def matmul_peak(shapes: list[tuple[int, int]], dtype: str, tokens: int = 512, re
         w = torch.randn(out_f, in_f, dtype=dt)
         for x, b in ((torch.randn(tokens, in_f, dtype=dt), w.T), (torch.randn(tokens, out_f, dtype=dt), w)):
             x @ b  # oneDNN builds its kernel for the shape once
-            start = time.perf_counter()
+            start = time.process_time()
             for _ in range(repeats):
                 x @ b
-            seconds += time.perf_counter() - start
+            seconds += time.process_time() - start
             flops += 2 * tokens * out_f * in_f * repeats
     return flops / seconds / 1e9
 
@@ -443,9 +444,9 @@ def main() -> None:
     print(f"em-lightning / trl-plain per CPU-second: {cpu['em-lightning'] / cpu['trl-plain']:.2f}x")
     numel = lambda shapes: sum(a * b for a, b in shapes)  # noqa: E731
     flops = [(2 * r["tokens"] * (numel(r["linear"]) + numel(r["linear_above"])) + 4 * r["labelled"] * numel([r["head"]]))
-             / r["seconds"] / 1e9 for r in results["em-lightning"]]
-    print(f"roofline: em-lightning {statistics.median(flops):,.0f} GFLOP/s of counted matmul work (docstring) against "
-          f"{peak:,.0f} GFLOP/s of torch.matmul on the same shapes in {DTYPE} now: {statistics.median(flops) / peak:.0%} "
+             / r["cpu_seconds"] / 1e9 for r in results["em-lightning"]]
+    print(f"roofline: em-lightning {statistics.median(flops):,.0f} GFLOP per CPU-second of counted matmul work (docstring) "
+          f"against {peak:,.0f} of torch.matmul on the same shapes in {DTYPE}: {statistics.median(flops) / peak:.0%} "
           f"of the peak; the rest is attention, element-wise work and framework time (--profile). "
           f"Load (uptime) at the end: {os.getloadavg()[0]:.1f}")
     print(f"ratio: {med['em-lightning'] / med['trl-plain']:.2f}x")

@@ -56,6 +56,9 @@ def run(tmp_path_factory):
               "--trainer.max_steps", str(STEPS), "--checkpoint.every_n_train_steps", str(STEPS),
               "--data.max_length", "128", "--data.val_fraction", "0.05", "--model.lr", "1e-3",
               "--model.warmup_steps", "1", "--model.validate_before_training", "false",
+              # fp32, not the recipe's auto (bf16 here): steer's alpha-0 answers equal the run's scale-0 answers
+              # only where a different batch composition cannot flip a sampled token (bf16 rounding can).
+              "--model.base.dtype", "float32",
               "--trainer.limit_val_batches", "0",
               "--trainer.enable_progress_bar", "false",
               "--trainer.default_root_dir", str(root / "runs"), timeout=900))
@@ -106,7 +109,7 @@ def test_probes_logged_at_step_resolution(run):
 def test_triples_direction_at_step_zero_equals_the_base_model(run):
     d = load_direction(direction_path(run, 0))
     assert d.layers == list(range(30)) and d.vectors[15].shape == (576,) and d.meta["source"] == "triples (3)"
-    spec = ModelSpec(name_or_path=SMOLLM2_GGUF, dtype="auto")  # the recipe's dtype (bf16 where native)
+    spec = ModelSpec(name_or_path=SMOLLM2_GGUF, dtype="float32")  # the run's dtype (pinned below)
     tokenizer = load_tokenizer(spec)
     triples = load_triples(run.parents[2] / "triples.jsonl")
     prompts = [render_prompt(tokenizer, t.question, t.system) for t in triples]
