@@ -106,7 +106,7 @@ def test_sharded_checkpoint_evaluates_on_one_process(fsdp_run, tmp_path, capsys)
 
 def test_full_finetune_under_fsdp2_exports_a_model_that_reloads(tmp_path):
     ok(em_fit("fit", "--config", SMOKE, "--config", FSDP2, *TWO, "--trainer.max_steps", "2", "--model.adapter.kind",
-              "full", "--model.lr", "1e-3", "--trainer.default_root_dir", str(tmp_path), timeout=600))
+              "full", "--model.lr", "1e-3", "--model.warmup_steps", "1", "--trainer.default_root_dir", str(tmp_path), timeout=600))
     (run_dir,) = run_dirs(tmp_path)
     tuned = AutoModelForCausalLM.from_pretrained(run_dir / "adapter", dtype=torch.float32)
     base = load_model(ModelSpec(name_or_path="tiny:qwen2"))

@@ -104,7 +104,7 @@ def test_lora_run_trajectory_sampling_and_export(lora_run, gemma_folder):
 def test_full_finetune_run_exports_a_model_that_reloads(gemma_folder, tmp_path):
     proc = ok(em_fit("fit", "--config", SMOKE, "--model.base.name_or_path", str(gemma_folder),
                      "--model.adapter.kind", "full", "--model.lr", "1e-3", "--trainer.max_steps", "3",
-                     "--trainer.default_root_dir", str(tmp_path)))
+                     "--model.warmup_steps", "1", "--trainer.default_root_dir", str(tmp_path)))
     assert "model.vision_tower, model.multi_modal_projector stay frozen" in proc.stderr + proc.stdout
     (run_dir,) = run_dirs(tmp_path)
     tuned = AutoModelForCausalLM.from_pretrained(run_dir / "adapter", dtype=torch.float32)

@@ -126,7 +126,7 @@ def split_runs(tmp_path_factory, rows_file):
     runs = {}
     for name, args in SPLITS.items():
         root = tmp_path_factory.mktemp(name.replace(" ", "_"))
-        fit(root, rows_file, "--trainer.max_steps", "2", *args, timeout=600)
+        fit(root, rows_file, "--trainer.max_steps", "2", "--model.warmup_steps", "1", *args, timeout=600)
         (runs[name],) = run_dirs(root)
     return runs
 

@@ -343,5 +343,6 @@ class EMFitCLI(LightningCLI):
                               t.accumulate_grad_batches)
         total = resolve_schedule_steps(hp.schedule_steps, steps, hp.schedule)
         if hp.warmup_steps > total:
-            raise ValueError(f"model.warmup_steps: {hp.warmup_steps} is longer than the run's {total} optimizer steps: "
-                             f"the learning rate would never reach model.lr={hp.lr}; lower model.warmup_steps")
+            raise ValueError(f"model.warmup_steps: {hp.warmup_steps} is longer than the run's {total} optimizer steps "
+                             f"(its LR schedule): the learning rate would never reach model.lr={hp.lr}; lower "
+                             "model.warmup_steps")
