@@ -16,7 +16,7 @@ from em_lightning.sweep.summary import JUDGED, METRICS, RunResult  # noqa: E402
 TITLES = {"em_rate": "final EM rate (scale 1)", "coherent_rate": "final coherent rate (scale 1)",
           "val_loss": "final val/loss", "logprob_margin": "final logprob margin\n(judge-free)",
           "logprob_margin_change": "logprob margin change\nfrom step 0 (judge-free)",
-          "cos_b_direction": "final cos(B, direction)\n(judge-free direction if triples)",
+          "cos_b_direction": "final |cos(B, direction)|\n(judge-free direction if triples)",
           "transition_step": "first transition step\n(runs with one)"}
 COLUMNS = 4
 

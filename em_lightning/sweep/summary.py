@@ -37,7 +37,9 @@ METRICS = {
     "val_loss": (VAL_LOSS, "final val/loss"),
     "logprob_margin": (MARGIN, "final logprob margin, misaligned minus aligned (judge-free, triples file)"),
     "logprob_margin_change": (None, "logprob margin change, final minus step 0 (judge-free)"),
-    "cos_b_direction": (None, "final cos(B, misalignment direction), mean over modules (mech/<m>/cos_B_direction)"),
+    "cos_b_direction": (None, "final |cos(B, misalignment direction)|, mean over modules (mech/<m>/cos_B_direction; "
+                              "absolute: a rank-1 adapter's sign is arbitrary, flipping A and B gives the same adapter, "
+                              "so signed values of different seeds do not average)"),
     "transition_step": (None, "first detected transition step (runs with one)"),
 }
 JUDGED = ("em_rate", "coherent_rate")
@@ -118,7 +120,7 @@ def read_run(plan: SweepPlan, cell) -> RunResult:
         result.finals["logprob_margin_change"] = scalars[MARGIN][1][-1] - scalars[MARGIN][1][0]
     cos = [_last(scalars, t) for t in scalars if t.startswith("mech/") and t.endswith("/cos_B_direction")]
     if cos := [c for c in cos if c is not None and math.isfinite(c)]:
-        result.finals["cos_b_direction"] = float(np.mean(cos))
+        result.finals["cos_b_direction"] = float(np.mean(np.abs(cos)))
     try:
         report = analyse_run(run_dir, ks=[])
         if report.steps:
