@@ -172,6 +172,7 @@ def test_non_finite_adapter_file_is_refused_by_eval(reference, tmp_path, capsys)
 
 
 # -- preemption ------------------------------------------------------------------------------------------------
+@pytest.mark.slow  # two runs (~15 s alone, 38 s under load); test_sigusr1_exits_138 is the fast check
 def test_sigterm_saves_the_step_reached_and_the_resume_is_bit_identical(reference, tmp_path, monkeypatch):
     """SIGTERM during step 4's first micro-batch: step 4 finishes, is saved, exit 143; the resume equals the
     uninterrupted run, and every curve has one value per step (val/loss also at the checkpoint's step)."""

@@ -115,8 +115,8 @@ class EMFitCLI(LightningCLI):
 
     def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
         super().parse_arguments(parser, args)
-        # LightningCLI reads an explicit --ckpt_path for its hyperparameters right after parsing: a corrupt
-        # file must be one line naming it, not an UnpicklingError traceback.
+        # An explicit --ckpt_path is checked right after parsing: a corrupt file is one line naming it, not an
+        # UnpicklingError traceback.
         sub = self.config.get("subcommand")
         ckpt = self.config[sub].get("ckpt_path") if sub else None
         if ckpt and ckpt != "last" and Path(ckpt).is_file():
