@@ -80,7 +80,7 @@ def test_slurm_array_script(tmp_path):
                      parse_grid({"model.lr": [0.01, 0.02], "seed_everything": [0, 1]}), ["--trainer.max_steps", "4"])
     plan.save()
     script = sbatch_script(plan, str(REPO), gpus=2)
-    for line in ("#SBATCH --array=0-3", "#SBATCH --requeue", "#SBATCH --signal=TERM@120", "#SBATCH --gpus-per-node=2",
+    for line in ("#SBATCH --array=0-3", "#SBATCH --requeue", "#SBATCH --signal=USR1@300", "#SBATCH --gpus-per-node=2",
                  f"cd {REPO}"):
         assert line in script
     cases = [ln for ln in script.splitlines() if ln.strip()[:2] in ("0)", "1)", "2)", "3)")]
@@ -101,19 +101,20 @@ def test_slurm_array_script(tmp_path):
            "SLURM_ARRAY_JOB_ID": "77", "SLURM_JOB_NUM_NODES": "1", "SLURM_NTASKS_PER_NODE": "2"}
     cell = plan.cells[1]
     run = lambda **extra: subprocess.run(["bash", str(path)], env={**env, **extra}, capture_output=True, text=True)  # noqa: E731
-    assert run(SRUN_EXIT="143").returncode == 143  # SLURM's signal: checkpoint saved, requeued
+    assert run(SRUN_EXIT="143").returncode == 143  # preempted (SIGTERM): SLURM requeues it, not the script
+    assert plan.status(cell)["state"] == "interrupted" and not (tmp_path / "scontrol.log").exists()
+    assert run(SRUN_EXIT="138").returncode == 138  # SIGUSR1 before the time limit: step saved, requeued here
     assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "77_1"]
-    assert plan.status(cell)["state"] == "interrupted"
     (plan.run_dir(cell) / "checkpoints").mkdir(parents=True)
     (plan.run_dir(cell) / "checkpoints" / "last.ckpt").write_bytes(b"")
     assert run().returncode == 0 and plan.status(cell)["state"] == "done"
-    first, second = (tmp_path / "srun.log").read_text().splitlines()
+    first, _, second = (tmp_path / "srun.log").read_text().splitlines()
     assert first.split() == ["em-fit", *plan.fit_args(cell), "--trainer.num_nodes", "1", "--trainer.devices", "2"]
     assert second.split() == ["em-fit", *plan.fit_args(cell), "--ckpt_path", "last", "--trainer.num_nodes", "1",
                               "--trainer.devices", "2"]
     done = run()
     assert done.returncode == 0 and "done already" in done.stdout
-    assert len((tmp_path / "srun.log").read_text().splitlines()) == 2
+    assert len((tmp_path / "srun.log").read_text().splitlines()) == 3
 
 
 EVAL = {"trainer": {"callbacks+": [

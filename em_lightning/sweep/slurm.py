@@ -2,8 +2,9 @@
 its cell's ``em-fit fit`` under ``srun`` (Lightning reads SLURM's environment for multi-GPU cells), with
 ``--ckpt_path last`` whenever the cell's run directory holds a checkpoint: a requeued task (preemption,
 ``--requeue``) or a resubmitted array continues each run where it stopped, and finished cells
-(``status/<cell>.json`` says done) exit at once. SLURM sends SIGTERM ``--signal`` seconds before the time
-limit; em-fit then saves a checkpoint, and the task requeues itself."""
+(``status/<cell>.json`` says done) exit at once. As in scripts/slurm/em-fit.sbatch: SLURM sends SIGUSR1
+``--signal`` seconds before the time limit, em-fit saves the step under way and exits 138, and the task
+requeues itself; a preempted task (SIGTERM, exit 143) is requeued by SLURM (``--requeue``)."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ HEADER = """#!/bin/bash
 #SBATCH --gpus-per-node={gpus}
 #SBATCH --cpus-per-task=8
 #SBATCH --time={time}
-#SBATCH --signal=TERM@120
+#SBATCH --signal=USR1@300
 #SBATCH --requeue
 #SBATCH --open-mode=append
 #SBATCH --output={out}/logs/slurm-%A_%a.out
@@ -46,9 +47,10 @@ srun em-fit "${{args[@]}}" "${{resume[@]}}" \\
 code=$?
 if [ $code -eq 0 ]; then
   echo "{{\\"state\\": \\"done\\", \\"returncode\\": 0}}" > "$status"
-elif [ $code -eq 143 ] || [ $code -eq 138 ]; then  # stopped by SLURM's signal: checkpoint saved, run again
+elif [ $code -eq 138 ] || [ $code -eq 143 ]; then  # stopped by a signal: the step under way is saved
   echo "{{\\"state\\": \\"interrupted\\", \\"returncode\\": $code}}" > "$status"
-  scontrol requeue "${{SLURM_ARRAY_JOB_ID}}_${{SLURM_ARRAY_TASK_ID}}"
+  # SIGUSR1 before the time limit: queue this task again (a preempted one, 143, SLURM requeues itself)
+  if [ $code -eq 138 ]; then scontrol requeue "${{SLURM_ARRAY_JOB_ID}}_${{SLURM_ARRAY_TASK_ID}}"; fi
 else
   echo "{{\\"state\\": \\"failed\\", \\"returncode\\": $code}}" > "$status"
 fi
