@@ -7,8 +7,14 @@ import pytest
 
 from clirun import SMOKE, em_fit
 from em_lightning.cli import main
+from em_lightning.sweep.grid import expand, load_grid
 
-CONFIGS = sorted(str(p) for p in (Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml") if p.parent.name != "questions")
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+# configs/studies/<name>/: a study fragment merged after a recipe, and an em-fit sweep grid (not a fit config).
+CONFIGS = sorted(
+    str(p) for p in CONFIG_DIR.rglob("*.yaml") if p.parent.name != "questions" and "studies" not in p.parts
+)
+STUDIES = sorted(p.parent for p in CONFIG_DIR.glob("studies/*/grid.yaml"))
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: Path(p).relative_to(Path(p).parents[1]).as_posix())
@@ -20,6 +26,20 @@ def test_every_config_parses(config, capsys):
     assert "model:" in out
     if "/strategies/" not in config:  # a strategy is a fragment merged with a recipe
         assert "name_or_path:" in out
+
+
+@pytest.mark.parametrize("study", STUDIES, ids=lambda p: p.name)
+def test_every_study_cell_parses(study, capsys):
+    """Each cell of a shipped study grid, with the recipe its study.yaml header names, parses as em-fit fit."""
+    header = (study / "study.yaml").read_text()
+    recipe = next(w for w in header.split() if w.startswith("configs/") and w.endswith(".yaml") and "/studies/" not in w)
+    cells = expand(load_grid(study / "grid.yaml"))
+    assert len(cells) > 1
+    for cell in cells:
+        with pytest.raises(SystemExit) as info:
+            main(["fit", "--config", recipe, "--config", str(study / "study.yaml"), *cell.args(), "--print_config"])
+        assert info.value.code == 0, cell.name
+        assert "name_or_path:" in capsys.readouterr().out
 
 
 def test_print_config_comments_documents_options(capsys):
