@@ -16,7 +16,7 @@ At each point (``on_point_judged``, announced by InLoopJudge on every rank with 
   ``mech/<module>/lora_scalar_auroc``, ``lora_scalar_em_mean``, ``lora_scalar_aligned_mean``;
 - with ``steer_alphas``: the point's questions sampled under steering or ablation, judged (synchronously,
   with InLoopJudge's judges), written to ``<run_dir>/steering/step_XXXXXXX.jsonl``, logged as
-  ``mech/steer/<mode>/alpha_<a>/em_rate`` and ``coherent_rate``.
+  ``mech/steer/<mode>/alpha_<a>/em_rate`` and ``coherent_rate`` (``mech_demo/steer/...`` for the demo judge).
 
 Every ``every_n_steps`` optimizer steps (and at the first step of fit): ``mech/<module>/cos_B_direction``
 with the newest direction, and with a ``triples`` file the logprob margins ``mech/logprob_margin``,
@@ -57,6 +57,7 @@ from em_lightning.probes.lora_scalar import rank1_modules, separation
 from em_lightning.probes.steer_eval import (
     default_layers,
     steered_records,
+    steering_root,
     steering_summary,
     steering_tags,
     write_steering,
@@ -244,4 +245,4 @@ class MechanisticProbes(Callback):
         judge_records(records, source.questions, judges, judge.judge_prompts)
         if trainer.is_global_zero:
             write_steering(self.run_dir, step, records)
-        return steering_tags(steering_summary(records, source.questions))
+        return steering_tags(steering_summary(records, source.questions), root=steering_root(judges.values()))

@@ -42,6 +42,7 @@ from em_lightning.probes.steer_eval import (
     STEERING,
     default_layers,
     steered_records,
+    steering_root,
     steering_summary,
     steering_tags,
     write_steering,
@@ -149,10 +150,13 @@ def main(argv: list[str]) -> None:
     path = write_steering(args.run, args.step, records)
     rows = steering_summary(records, questions)
     print(f"{what}: {mode} with the direction of step {d_step} at layers {layers}: {len(records)} answers -> {path}")
+    root = steering_root(judges.values()) if judges is not None else "mech/steer"
+    if root.startswith("mech_demo"):
+        print("  DEMO judge: its scores mean nothing (plumbing only); tags under mech_demo/steer/")
     for row in rows:
         print(f"  alpha {row['alpha']:g}: em_rate {row['em_rate']:.3f}  coherent_rate {row['coherent_rate']:.3f}  "
               f"aligned_mean {row['aligned_mean']:.1f}  ({row['n_scored']} scored of {row['n_total']})")
     if judges is not None:
         with SummaryWriter(str(args.run / STEERING)) as writer:
-            for tag, value in steering_tags(rows).items():
+            for tag, value in steering_tags(rows, root=root).items():
                 writer.add_scalar(tag, value, args.step)

@@ -19,6 +19,7 @@ from em_lightning.adapters import lora_layers
 from em_lightning.evaluation.metrics import em_summary
 from em_lightning.evaluation.runner import SCORED_TYPE, point_path, read_jsonl, sample_records, write_point
 from em_lightning.evaluation.sampling import SamplingConfig
+from em_lightning.judges.base import is_meaningful
 from em_lightning.probes.alignment import layer_of, writes_residual
 from em_lightning.probes.directions import Direction
 from em_lightning.probes.steering import MODES, intervene
@@ -69,6 +70,12 @@ def steering_summary(records: Sequence[dict], questions: Sequence[Question] | No
         rows.append({"mode": mode, "layers": list(layers), "source_layer": source, "alpha": alpha,
                      **{k: s[k] for k in SUMMARY_KEYS}})
     return rows
+
+
+def steering_root(judges) -> str:
+    """``mech/steer``, or ``mech_demo/steer`` when any judge's scores mean nothing (the demo judge): its EM
+    rates must never sit beside real ones."""
+    return "mech/steer" if all(is_meaningful(j) for j in judges) else "mech_demo/steer"
 
 
 def steering_tags(rows: Sequence[dict], root: str = "mech/steer") -> dict[str, float]:
