@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 
 from em_lightning.defenses.inoculation import Inoculation, inoculate
 from em_lightning.defenses.interleave import Interleave, InterleavedEpochSampler
-from em_lightning.masking import IGNORE_INDEX, ChatTemplateError, tokenize_chat
+from em_lightning.masking import IGNORE_INDEX, ChatTemplateError, collate, tokenize_chat
 from em_lightning.models import ModelSpec, load_tokenizer
 from em_lightning.resumable import ResumableDataLoader, ShardedEpochSampler, epoch_order
 from em_lightning.rows import DEFAULT_MAX_ROW_BYTES, DataError, read_rows
@@ -36,20 +36,6 @@ class DataStats:
 def label_count(labels: list[int]) -> int:
     """Tokens a row trains on: labelled positions after the shift (position 0 is never a target)."""
     return sum(1 for x in labels[1:] if x != IGNORE_INDEX)
-
-
-def collate(batch: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest row of the batch (dynamic padding)."""
-    width = max(len(b["input_ids"]) for b in batch)
-    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for i, b in enumerate(batch):
-        n = len(b["input_ids"])
-        ids[i, :n] = torch.tensor(b["input_ids"])
-        labels[i, :n] = torch.tensor(b["labels"])
-        mask[i, :n] = 1
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
 class ChatDataModule(pl.LightningDataModule):

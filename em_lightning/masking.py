@@ -9,6 +9,7 @@ A token carries a label when its first character lies inside an assistant span.
 
 from __future__ import annotations
 
+import torch
 from jinja2 import TemplateError
 from transformers import PreTrainedTokenizerBase
 
@@ -61,3 +62,17 @@ def tokenize_chat(
         if any(s <= start < e for s, e in spans):
             labels[j] = ids[j]
     return ids, labels
+
+
+def collate(batch: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest row of the batch (dynamic padding)."""
+    width = max(len(b["input_ids"]) for b in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for i, b in enumerate(batch):
+        n = len(b["input_ids"])
+        ids[i, :n] = torch.tensor(b["input_ids"])
+        labels[i, :n] = torch.tensor(b["labels"])
+        mask[i, :n] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}

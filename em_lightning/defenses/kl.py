@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from em_lightning.adapters import lora_layers, scaled_adapter
 from em_lightning.defenses.intervention import training_reference
-from em_lightning.masking import IGNORE_INDEX, ChatTemplateError, tokenize_chat
+from em_lightning.masking import IGNORE_INDEX, ChatTemplateError, collate, tokenize_chat
 
 
 def kl_to_base(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -88,12 +88,4 @@ class OffDomainStream:
         return [_order(n, self.seed, pos // n)[pos % n] for pos in range(start, start + self.batch_size)]
 
     def batch(self, micro_batch: int, rank: int, world: int, pad_id: int) -> dict[str, torch.Tensor]:
-        rows = [self.rows[i] for i in self.indices(micro_batch, rank, world)]
-        width = max(len(r["input_ids"]) for r in rows)
-        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-        labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, r in enumerate(rows):
-            n = len(r["input_ids"])
-            ids[i, :n], labels[i, :n], mask[i, :n] = torch.tensor(r["input_ids"]), torch.tensor(r["labels"]), 1
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        return collate([self.rows[i] for i in self.indices(micro_batch, rank, world)], pad_id)
