@@ -85,6 +85,7 @@ from em_lightning.judges.factory import prepare_judges
 from em_lightning.logger_compat import purge_step
 
 GRACE_S = 30.0  # after a point's deadline, how long a judge that ignores it is still waited for
+CLOSE_WAIT_S = 5.0  # at teardown, how long the worker may take to finish (it is idle unless a judge hangs)
 
 
 class _Worker:
@@ -93,7 +94,8 @@ class _Worker:
 
     def __init__(self):
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        threading.Thread(target=self._run, name="InLoopJudge", daemon=True).start()
+        self._thread = threading.Thread(target=self._run, name="InLoopJudge", daemon=True)
+        self._thread.start()
 
     def submit(self, fn, *args) -> Future:
         future: Future = Future()
@@ -110,7 +112,11 @@ class _Worker:
                     future.set_exception(exc)
 
     def close(self) -> None:
+        # Joined (bounded) so that an idle worker is gone before the interpreter exits: a daemon thread still
+        # alive at finalization can abort a process that used torch/gloo ("terminate called without an active
+        # exception"). A judge that hangs past its deadline is left behind after CLOSE_WAIT_S.
         self._queue.put(None)
+        self._thread.join(timeout=CLOSE_WAIT_S)
 
 
 @dataclass
