@@ -26,6 +26,18 @@ def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     return proc
 
 
+def fake_slurm(tmp_path: Path, **env: str) -> dict[str, str]:
+    """An environment whose ``srun`` and ``scontrol`` are stand-ins: each call appends its arguments to
+    ``tmp_path/srun.log`` / ``scontrol.log``; srun exits with ``$SRUN_EXIT`` (default 0). No cluster needed."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text(f'#!/bin/bash\necho "$@" >> {tmp_path}/srun.log\nexit ${{SRUN_EXIT:-0}}\n')
+    (bin_dir / "scontrol").write_text(f'#!/bin/bash\necho "$@" >> {tmp_path}/scontrol.log\n')
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    return {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", **env}
+
+
 def run_dirs(root: Path) -> list[Path]:
     return sorted(p.parent for p in root.rglob("config.yaml"))
 

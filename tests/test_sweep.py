@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import yaml
 
-from clirun import REPO, SMOKE, em_fit, ok
+from clirun import REPO, SMOKE, em_fit, fake_slurm, ok
 from em_lightning.commands.sweep import report as sweep_report
 from em_lightning.sweep.grid import expand, parse_grid
 from em_lightning.sweep.local import cell_command
@@ -91,14 +91,8 @@ def test_slurm_array_script(tmp_path):
     path.write_text(script)
     # Run array task 1 with stand-ins for srun and scontrol: the first time it starts the cell; a second
     # time (requeued after a checkpoint) it resumes; once done it exits at once.
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "srun").write_text(f'#!/bin/bash\necho "$@" >> {tmp_path}/srun.log\nexit ${{SRUN_EXIT:-0}}\n')
-    (bin_dir / "scontrol").write_text(f'#!/bin/bash\necho "$@" >> {tmp_path}/scontrol.log\n')
-    for f in bin_dir.iterdir():
-        f.chmod(0o755)
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_ARRAY_TASK_ID": "1",
-           "SLURM_ARRAY_JOB_ID": "77", "SLURM_JOB_NUM_NODES": "1", "SLURM_NTASKS_PER_NODE": "2"}
+    env = fake_slurm(tmp_path, SLURM_ARRAY_TASK_ID="1", SLURM_ARRAY_JOB_ID="77", SLURM_JOB_NUM_NODES="1",
+                     SLURM_NTASKS_PER_NODE="2")
     cell = plan.cells[1]
     run = lambda **extra: subprocess.run(["bash", str(path)], env={**env, **extra}, capture_output=True, text=True)  # noqa: E731
     assert run(SRUN_EXIT="143").returncode == 143  # preempted (SIGTERM): SLURM requeues it, not the script

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -19,7 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from clirun import REPO, SMOKE, em_fit, ok, run_dirs, scalars
+from clirun import REPO, SMOKE, em_fit, fake_slurm, ok, run_dirs, scalars
 from em_lightning.cli import main
 from em_lightning.fingerprint import compare, file_identity
 from test_faults import arm, cli, copy_run, files, one_error_line, same_result, write_yaml
@@ -308,24 +309,15 @@ def test_warmup_longer_than_the_run_is_an_error(tmp_path, capsys):
     ("0", ["--ckpt_path", "last"], 143, True, False),  # a resume of a given run keeps its directory
 ])
 def test_sbatch_requeues_and_resumes(tmp_path, restarts, extra, exit_code, resumed, requeued):
-    import os
-    import subprocess
-
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "srun").write_text(f'#!/bin/bash\necho "$@" > {tmp_path}/srun.args\nexit {exit_code}\n')
-    (bin_dir / "scontrol").write_text(f'#!/bin/bash\necho "$@" > {tmp_path}/scontrol.args\n')
-    for f in bin_dir.iterdir():
-        f.chmod(0o755)
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "4242", "SLURM_JOB_NUM_NODES": "1",
-           "SLURM_NTASKS_PER_NODE": "2", "SLURM_RESTART_COUNT": restarts}
+    env = fake_slurm(tmp_path, SRUN_EXIT=str(exit_code), SLURM_JOB_ID="4242", SLURM_JOB_NUM_NODES="1",
+                     SLURM_NTASKS_PER_NODE="2", SLURM_RESTART_COUNT=restarts)
     proc = subprocess.run(["bash", str(REPO / "scripts" / "slurm" / "em-fit.sbatch"), "run.yaml", *extra], env=env,
                           capture_output=True, text=True)
     assert proc.returncode == exit_code, proc.stderr
-    args = (tmp_path / "srun.args").read_text().split()
+    args = (tmp_path / "srun.log").read_text().split()
     assert args[:4] == ["em-fit", "fit", "--config", "run.yaml"]
     assert ("--ckpt_path" in args) == resumed
     assert (" ".join(args).count("--trainer.logger.init_args.version slurm-4242") == 1) == (not extra)
-    assert (tmp_path / "scontrol.args").is_file() == requeued
+    assert (tmp_path / "scontrol.log").is_file() == requeued
     if requeued:
-        assert (tmp_path / "scontrol.args").read_text().split() == ["requeue", "4242"]
+        assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "4242"]
