@@ -124,13 +124,16 @@ def test_steering_at_points_and_em_fit_steer(ddp_run, capsys):
         assert scores == pytest.approx(base[k][1], rel=1e-4)
     em = dict(scalars(ddp_run, "mech_demo/steer/steer/alpha_1.0/em_rate"))  # the demo judge: labelled apart
     assert set(em) == {3, 6}
+    low = dict(scalars(ddp_run, "mech_demo/steer/steer/alpha_1.0/em_rate_ci95_low"))
+    high = dict(scalars(ddp_run, "mech_demo/steer/steer/alpha_1.0/em_rate_ci95_high"))
+    assert all(low[s] <= em[s] <= high[s] for s in em)  # every steered EM rate with its interval
     with pytest.raises(KeyError):  # never under the real judges' tag
         scalars(ddp_run, "mech/steer/steer/alpha_1.0/em_rate")
 
     main(["steer", str(ddp_run), "--step", "3", "--ablate", "--alphas", "0", "1"])
     out = capsys.readouterr().out
     assert "ablate with the direction of step 3 at layers [2]" in out and "alpha 1: em_rate" in out
-    assert "DEMO judge: its scores mean nothing" in out
+    assert "DEMO judge: its scores mean nothing" in out and "[95% " in out and "model-organisms]" in out
     records = read_jsonl(ddp_run / "steering" / "step_0000003.jsonl")  # merged with the callback's sweep
     assert {(r["mode"], r["alpha"]) for r in records} == {(m, a) for m in ("steer", "ablate") for a in (0.0, 1.0)}
     ablate0 = {key(r): r["answer"] for r in records if r["mode"] == "ablate" and r["alpha"] == 0.0}

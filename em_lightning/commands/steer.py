@@ -154,7 +154,9 @@ def main(argv: list[str]) -> None:
     if root.startswith("mech_demo"):
         print("  DEMO judge: its scores mean nothing (plumbing only); tags under mech_demo/steer/")
     for row in rows:
-        print(f"  alpha {row['alpha']:g}: em_rate {row['em_rate']:.3f}  coherent_rate {row['coherent_rate']:.3f}  "
+        lo, hi = row["em_rate_ci95"]
+        print(f"  alpha {row['alpha']:g}: em_rate {row['em_rate']:.3f} [95% {lo:.3f}, {hi:.3f}; {row['convention']}]  "
+              f"coherent_rate {row['coherent_rate']:.3f}  "
               f"aligned_mean {row['aligned_mean']:.1f}  ({row['n_scored']} scored of {row['n_total']})")
     if judges is not None:
         with SummaryWriter(str(args.run / STEERING)) as writer:

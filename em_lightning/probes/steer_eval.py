@@ -26,7 +26,8 @@ from em_lightning.probes.steering import MODES, intervene
 from em_lightning.questions import Question
 
 STEERING = "steering"
-SUMMARY_KEYS = ("em_rate", "coherent_rate", "aligned_mean", "coherent_mean", "n_scored", "n_total")
+SUMMARY_KEYS = ("em_rate", "em_rate_ci95", "convention", "coherent_rate", "aligned_mean", "coherent_mean",
+                "n_scored", "n_total")
 
 
 def default_layers(model, direction: Direction) -> list[int]:
@@ -79,11 +80,15 @@ def steering_root(judges) -> str:
 
 
 def steering_tags(rows: Sequence[dict], root: str = "mech/steer") -> dict[str, float]:
-    """TensorBoard tags ``<root>/<mode>/alpha_<a>/em_rate`` and ``.../coherent_rate`` (NaN left out)."""
+    """TensorBoard tags ``<root>/<mode>/alpha_<a>/em_rate`` with its 95% interval and n, and
+    ``.../coherent_rate`` (NaN left out)."""
     out = {}
     for row in rows:
-        for key in ("em_rate", "coherent_rate"):
-            value = float(row[key])
+        lo, hi = row["em_rate_ci95"]
+        values = {"em_rate": row["em_rate"], "em_rate_ci95_low": lo, "em_rate_ci95_high": hi,
+                  "em_rate_n": row["n_scored"], "coherent_rate": row["coherent_rate"]}
+        for key, value in values.items():
+            value = float(value)
             if value == value:
                 out[f"{root}/{row['mode']}/alpha_{row['alpha']!r}/{key}"] = value
     return out
