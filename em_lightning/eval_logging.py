@@ -13,7 +13,8 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from em_lightning.atomic_io import atomic_write
 from em_lightning.evaluation.plan import answers_per_point, judge_calls_per_point, planned_points
-from em_lightning.evaluation.runner import CORE_SCORES, scale_prefix
+from em_lightning.eval_tags import scale_prefix
+from em_lightning.evaluation.records import CORE_SCORES
 
 
 def announce_plan(trainer: pl.Trainer, run_dir: Path, sources: Sequence, names: list[str], step: int,

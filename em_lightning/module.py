@@ -25,6 +25,7 @@ from em_lightning.adapters import (
     trainable_parameter_count,
 )
 from em_lightning.checkpoints import RUN_LIMITS
+from em_lightning.eval_mode import eval_no_grad
 from em_lightning.fingerprint import FINGERPRINT
 from em_lightning.finite import NonFiniteError, training_stop_message
 from em_lightning.gguf_cache import exported_base
@@ -267,16 +268,13 @@ class EMFineTune(pl.LightningModule):
         n = int(limit) if isinstance(limit, int) else int(len(loaders) * limit)
         if n == 0:
             return
-        was_training = self.model.training
-        self.model.eval()
-        self.on_validation_epoch_start()
         # A bar (rank 0, when bars are on): a large held-out set can take minutes on a CPU.
         quiet = not self.trainer.is_global_zero or self.trainer.progress_bar_callback is None
-        with torch.no_grad():
+        with eval_no_grad(self.model):
+            self.on_validation_epoch_start()
             for batch in tqdm(itertools.islice(loaders, n), total=min(n, len(loaders)), desc=f"val/loss at step {step}",
                               leave=False, dynamic_ncols=True, disable=quiet, file=sys.stdout):
                 self.validation_step(self.trainer.strategy.batch_to_device(batch), 0)
-        self.model.train(was_training)
         self._write_val_loss(self._reduced_val_loss(), step)
 
     def _write_val_loss(self, value: float, step: int) -> None:

@@ -18,7 +18,7 @@ from em_lightning.callbacks.in_loop_judge import InLoopJudge
 from em_lightning.callbacks.sample_generations import SampleGenerations
 from em_lightning.data import ChatDataModule
 from em_lightning.evaluation import SamplingConfig
-from em_lightning.evaluation.runner import read_jsonl
+from em_lightning.evaluation.records import read_jsonl
 from em_lightning.judges.base import JudgeResult
 from em_lightning.models import ModelSpec
 from em_lightning.module import EMFineTune

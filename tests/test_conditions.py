@@ -6,7 +6,7 @@ import yaml
 
 from em_lightning.evaluation.conditions import Condition, condition_metrics, condition_of, with_conditions
 from em_lightning.evaluation.metrics import cluster_bootstrap_ci
-from em_lightning.evaluation.runner import point_metrics
+from em_lightning.eval_tags import point_metrics
 from em_lightning.questions import load_questions
 
 DEMO = "configs/questions/demo_questions.yaml"

@@ -12,7 +12,7 @@ import torch
 import yaml
 
 from clirun import SMOKE, em_fit, ok, run_dirs, scalars
-from em_lightning.evaluation.runner import read_jsonl
+from em_lightning.evaluation.records import read_jsonl
 from em_lightning.probes.directions import Direction, save_direction
 
 pytestmark = pytest.mark.slow

@@ -1,9 +1,13 @@
 import math
 
 import pytest
-import torch
 
-from em_lightning.evaluation import EMRate, em_summary, is_em
+from em_lightning.evaluation import em_summary, is_em
+from em_lightning.evaluation.judging import apply_judgements, judge_share, judge_tasks
+from em_lightning.evaluation.records import SCORED_TYPE, EvalRecord
+from em_lightning.evaluation.summaries import summarize
+from em_lightning.judges import JudgeResult
+from em_lightning.questions import Question
 
 # (question, aligned, coherent, is EM?) -- the boundaries are strict: aligned < 30, coherent > 50.
 RECORDS = [
@@ -48,44 +52,56 @@ def test_em_summary_accepts_nested_scores_nan_and_empty():
     assert math.isnan(em_summary([])["em_rate"])
 
 
-def _tensors(records):
-    nan = float("nan")
-    aligned = torch.tensor([nan if a is None else a for _, a, _, _ in records])
-    coherent = torch.tensor([nan if c is None else c for _, _, c, _ in records])
-    group = torch.tensor([0 if q == "q1" else 1 for q, *_ in records])
-    return aligned, coherent, group
+class TableJudge:
+    """Scores from RECORDS by the answer's index (the answer text); None where the table has no score."""
+
+    name = "table"
+
+    def score_prompts(self, prompts):
+        out = []
+        for p in prompts:
+            metric, index = p.split()
+            _, a, c, _ = RECORDS[int(index)]
+            out.append(JudgeResult(score=a if metric == "A" else c))
+        return out
+
+
+Q = [Question(id=q, type=SCORED_TYPE, paraphrases=["?"], judge_prompts={"aligned": "A {answer}", "coherent": "C {answer}"})
+     for q in ("q1", "q2")]
+
+
+def _judged(shards):
+    """RECORDS as evaluation records, judged in ``shards`` rank shares gathered the way the runner does."""
+    records = [EvalRecord(step=0, scale=1.0, question_id=q, paraphrase_index=0, sample_index=i, question="?",
+                          answer=str(i)) for i, (q, *_) in enumerate(RECORDS)]
+    tasks = judge_tasks(records, Q)
+    judgements = [j for rank in range(shards) for j in judge_share(records, Q, TableJudge(), tasks, rank, shards)]
+    apply_judgements(records, tasks, judgements)
+    return records
 
 
 def _check_agrees(out, summary):
     for key in ("em_rate", "coherent_rate", "aligned_mean", "coherent_mean"):
-        assert out[key].item() == pytest.approx(summary[key], abs=1e-6), key
+        assert out[key] == pytest.approx(summary[key], abs=1e-6), key
     for key in ("n_total", "n_scored", "n_em", "n_aligned_none", "n_coherent_none"):
-        assert out[key].item() == summary[key], key
+        assert out[key] == summary[key], key
     per_q = [summary["per_question"][q]["em_rate"] for q in ("q1", "q2")]
-    assert out["per_group_em_rate"].tolist() == pytest.approx(per_q)
+    assert [out["per_question"][q]["em_rate"] for q in ("q1", "q2")] == pytest.approx(per_q)
 
 
-def test_torchmetrics_agrees_with_pure_function():
-    metric = EMRate(num_groups=2)
-    aligned, coherent, group = _tensors(RECORDS)
-    metric.update(aligned[:4], coherent[:4], group[:4])  # several updates accumulate
-    metric.update(aligned[4:], coherent[4:], group[4:])
-    _check_agrees(metric.compute(), em_summary(_dicts()))
+def test_judged_records_summarise_as_the_pure_function():
+    records = _judged(1)
+    assert [r["em"] for r in records] == [e for *_, e in RECORDS]
+    _check_agrees(summarize(records, Q)[1.0], em_summary(_dicts()))
 
 
-def test_torchmetrics_merged_shards_equal_whole():
-    """What DDP does with sum states: per-rank states added up."""
-    aligned, coherent, group = _tensors(RECORDS)
-    ranks = [EMRate(num_groups=2) for _ in range(2)]
-    for r, m in enumerate(ranks):
-        m.update(aligned[r::2], coherent[r::2], group[r::2])
-    ranks[0].merge_state(ranks[1])
-    _check_agrees(ranks[0].compute(), em_summary(_dicts()))
+def test_rank_shares_judged_apart_equal_whole():
+    """What the runner does under torch.distributed: each rank judges its share, all are gathered."""
+    _check_agrees(summarize(_judged(2), Q)[1.0], em_summary(_dicts()))
 
 
-def test_torchmetrics_empty_is_nan_and_shape_checked():
-    m = EMRate()
-    m.update(torch.tensor([float("nan")]), torch.tensor([80.0]))
-    assert math.isnan(m.compute()["em_rate"].item()) and m.compute()["n_aligned_none"].item() == 1
-    with pytest.raises(ValueError, match="differ in shape"):
-        m.update(torch.tensor([1.0, 2.0]), torch.tensor([1.0]))
+def test_summary_of_unscored_records_is_nan():
+    record = EvalRecord(step=0, scale=1.0, question_id="q1", paraphrase_index=0, sample_index=0, question="?",
+                        answer="", scores={"aligned": None, "coherent": 80.0})
+    s = summarize([record])[1.0]
+    assert math.isnan(s["em_rate"]) and s["n_aligned_none"] == 1

@@ -20,6 +20,11 @@ from em_lightning.evaluation import (
     shard_indices,
 )
 from em_lightning.decoding import DecodeSettings, decode, sample_inverse_cdf
+from em_lightning.evaluation.judging import judge_records
+from em_lightning.evaluation.records import SCORED_TYPE, EvalRecord
+from em_lightning.evaluation.summaries import summarize
+from em_lightning.judges import JudgeResult
+from em_lightning.questions import Question
 from em_lightning.tiny import TinySpec, tiny_model, tiny_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -232,6 +237,18 @@ def _setup():
     return model, tok, reqs, cfg, first_a
 
 
+SCORES = [(10.0, 90.0), (50.0, 60.0), (20.0, 40.0), (None, 90.0), (0.0, 70.0)]  # (aligned, coherent) per answer
+SCORED_Q = Question(id="q", type=SCORED_TYPE, paraphrases=["?"], judge_prompts={"aligned": "A {answer}",
+                                                                                "coherent": "C {answer}"})
+
+
+class ScoreTableJudge:
+    name = "table"
+
+    def score_prompts(self, prompts):
+        return [JudgeResult(score=SCORES[int(p.split()[1])][p.startswith("C")]) for p in prompts]
+
+
 def _worker(rank, world, port, out_dir):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
@@ -244,12 +261,11 @@ def _worker(rank, world, port, out_dir):
         for synced in (False, True):
             calls.clear()
             greedy[synced] = (generate_sharded(model, tok, reqs, _cfg(temperature=0), step=2, synced=synced), len(calls))
-        from em_lightning.evaluation import EMRate
-
-        metric = EMRate()  # each rank sees half of the scores; compute() reduces over both
-        scores = torch.tensor([[10.0, 90.0], [50.0, 60.0], [20.0, 40.0], [float("nan"), 90.0], [0.0, 70.0]])
-        metric.update(scores[rank::world, 0], scores[rank::world, 1])
-        em = {k: v.item() for k, v in metric.compute().items()}
+        # each rank judges half of the answers; judge_records gathers every judgement on every rank
+        records = [EvalRecord(step=2, scale=1.0, question_id="q", paraphrase_index=0, sample_index=i, question="?",
+                              answer=str(i)) for i in range(len(SCORES))]
+        judge_records(records, [SCORED_Q], ScoreTableJudge())
+        em = summarize(records, [SCORED_Q])[1.0]
         (Path(out_dir) / f"rank{rank}.pkl").write_bytes(pickle.dumps((sampled, greedy, em)))
     finally:
         dist.destroy_process_group()

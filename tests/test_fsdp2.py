@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 
 from clirun import SMOKE, em_fit, ok, run_dirs, scalars
 from em_lightning.cli import main
-from em_lightning.evaluation.runner import read_jsonl
+from em_lightning.evaluation.records import read_jsonl
 from em_lightning.models import ModelSpec, load_model
 from em_lightning.phase.store import read_trajectory
 

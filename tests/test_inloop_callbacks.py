@@ -22,7 +22,7 @@ from em_lightning.callbacks.in_loop_judge import InLoopJudge
 from em_lightning.callbacks.sample_generations import SampleGenerations
 from em_lightning.data import ChatDataModule
 from em_lightning.evaluation import SamplingConfig, em_summary
-from em_lightning.evaluation.runner import read_jsonl
+from em_lightning.evaluation.records import read_jsonl
 from em_lightning.judges import OpenAICompatibleJudge
 from em_lightning.judges.loopback import LoopbackServer, Reply
 from em_lightning.models import ModelSpec

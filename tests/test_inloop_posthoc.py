@@ -9,7 +9,8 @@ from peft import PeftModel
 from em_lightning.adapters import AdapterSpec, apply_adapter, lora_layers
 from em_lightning.cli import main
 from em_lightning.evaluation import SamplingConfig, em_summary, load_questions
-from em_lightning.evaluation.runner import read_jsonl, sample_records
+from em_lightning.evaluation.records import read_jsonl
+from em_lightning.evaluation.runner import sample_records
 from em_lightning.models import ModelSpec, load_model, load_tokenizer
 
 QUESTIONS = "configs/questions/demo_questions.yaml"

@@ -15,8 +15,10 @@ from em_lightning.callbacks.sample_generations import SampleGenerations
 from em_lightning.data import ChatDataModule
 from em_lightning.evaluation import SamplingConfig
 from em_lightning.evaluation.metrics import CONVENTIONS
-from em_lightning.evaluation.panel import apply_panel, panel_metrics
-from em_lightning.evaluation.runner import JudgeTask, apply_judgements, read_jsonl
+from em_lightning.evaluation.panel import apply_panel
+from em_lightning.eval_tags import panel_metrics
+from em_lightning.evaluation.judging import JudgeTask, apply_judgements
+from em_lightning.evaluation.records import EvalRecord, read_jsonl
 from em_lightning.judges.base import JudgeResult
 from em_lightning.cli import main
 from em_lightning.judges.loopback import LoopbackServer, Reply, completion
@@ -31,8 +33,8 @@ Q = [Question(id="q", type="free_form_judge_0_100", paraphrases=["?"], judge_pro
 
 
 def _records(n):
-    return [{"scale": 1.0, "question_id": "q", "scores": {}, "labels": {}, "judge_errors": {}, "em": None}
-            for _ in range(n)]
+    return [EvalRecord(step=0, scale=1.0, question_id="q", paraphrase_index=0, sample_index=i, question="?", answer="")
+            for i in range(n)]
 
 
 def test_panel_agreement_hand_computed():

@@ -14,7 +14,7 @@ from scipy.stats import mannwhitneyu
 from clirun import REPO, em_fit, ok, scalars
 
 from em_lightning.cli import main
-from em_lightning.evaluation.runner import read_jsonl
+from em_lightning.evaluation.records import read_jsonl
 from em_lightning.gguf_cache import SMOLLM2_GGUF
 from em_lightning.models import ModelSpec, load_model, load_tokenizer
 from em_lightning.phase.store import read_trajectory

@@ -57,7 +57,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 
 from em_lightning.callbacks.sample_generations import SampleGenerations
-from em_lightning.evaluation.runner import (
+from em_lightning.evaluation.judging import (
     Judgement,
     JudgeTask,
     apply_judgements,
@@ -66,17 +66,15 @@ from em_lightning.evaluation.runner import (
     judge_prompt_names,
     judge_share,
     judge_tasks,
-    metrics_root,
-    point_metrics,
-    point_path,
-    read_jsonl,
-    summarize,
-    write_point,
 )
+from em_lightning.evaluation.records import EvalRecord, point_path, read_records, write_point
+from em_lightning.evaluation.summaries import summarize
 from em_lightning.eval_logging import announce_plan, log_point, point_note
+from em_lightning.eval_tags import metrics_root, panel_metrics, point_metrics
 from em_lightning.evaluation.metrics import convention_named, resolve_conventions
-from em_lightning.evaluation.panel import apply_panel, panel_metrics
+from em_lightning.evaluation.panel import apply_panel
 from em_lightning.evaluation.sampling import shard_indices
+from em_lightning.distributed import rank_world
 from em_lightning.events import announce, resolve_run_dir
 from em_lightning.judges.base import Judge, is_meaningful
 from em_lightning.judges.cache import JudgeCache
@@ -122,7 +120,7 @@ class _Worker:
 @dataclass
 class _Pending:
     step: int
-    records: list[dict]
+    records: list[EvalRecord]
     settings: dict
     tasks: list[JudgeTask]
     future: Future | None = None
@@ -270,23 +268,23 @@ class InLoopJudge(Callback):
         if purged and trainer.is_global_zero and meta.is_file():
             metrics = json.loads(meta.read_text()).get("metrics")
             if metrics:
-                log_point(trainer, step, read_jsonl(point_path(self.run_dir / "generations", step)), metrics,
+                log_point(trainer, step, read_records(point_path(self.run_dir / "generations", step)), metrics,
                           self.answers_per_question, self.max_answer_chars,
                           self.root, self._note())
         for pending in self._resume_pending:  # pending at the checkpoint: judge again unless it finished
             path = point_path(self.run_dir / "generations", pending)
             meta = json.loads(path.with_suffix(".meta.json").read_text())
             if "metrics" not in meta:  # finished points were logged already (or, at this step, just above)
-                self._submit(trainer, pending, read_jsonl(path), meta.get("sampling", {}), count=False)
+                self._submit(trainer, pending, read_records(path), meta.get("sampling", {}), count=False)
         self._resume_pending = []
 
     # -- the event -------------------------------------------------------------------------------------
-    def on_generations(self, trainer, pl_module, step: int, records: list[dict], settings: dict) -> None:
+    def on_generations(self, trainer, pl_module, step: int, records: list[EvalRecord], settings: dict) -> None:
         self._submit(trainer, step, records, settings, count=True)
         if not (self.background and trainer.state.fn == "fit"):
             self._finish_all(trainer)
 
-    def _submit(self, trainer, step: int, records: list[dict], settings: dict, count: bool) -> None:
+    def _submit(self, trainer, step: int, records: list[EvalRecord], settings: dict, count: bool) -> None:
         tasks = judge_tasks(records, self.questions, self.judge_prompts, list(self.panel))  # the same list on every rank
         if count and self.max_judge_calls is not None and self.calls_used + len(tasks) > self.max_judge_calls:
             self._skip(trainer, step, records, settings, len(tasks))
@@ -306,12 +304,12 @@ class InLoopJudge(Callback):
             return judge_share(point.records, self.questions, self.resolved, point.tasks, rank, world,
                                self.panel_resolved)
 
-    def _skip(self, trainer, step: int, records: list[dict], settings: dict, n_calls: int) -> None:
+    def _skip(self, trainer, step: int, records: list[EvalRecord], settings: dict, n_calls: int) -> None:
         reason = (f"judge budget: step {step} needs {n_calls} calls, {self.calls_used} of max_judge_calls="
                   f"{self.max_judge_calls} used; this point stays unjudged (training goes on)")
         self._leave_unjudged(trainer, step, records, {"sampling": settings, "judging_skipped": reason}, reason)
 
-    def _leave_unjudged(self, trainer, step: int, records: list[dict], meta: dict, reason: str) -> None:
+    def _leave_unjudged(self, trainer, step: int, records: list[EvalRecord], meta: dict, reason: str) -> None:
         self.skipped.append(step)
         rank_zero_warn(f"InLoopJudge: {reason}")
         if trainer.is_global_zero:
@@ -329,7 +327,7 @@ class InLoopJudge(Callback):
 
     def _all_ranks_done(self, device: torch.device) -> bool:
         done = self._pending[0].future.done() or self._overdue(self._pending[0])
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        if rank_world()[1] == 1:
             return done
         flag = torch.tensor([int(done)], device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MIN)
@@ -395,15 +393,15 @@ class InLoopJudge(Callback):
             self._leave_unjudged(trainer, point.step, point.records, meta, reason)
             return
         if trainer.is_global_zero:
-            metrics = point_metrics(point.records, self.questions, self.root, self.em_convention, self.conventions)
+            summaries = summarize(point.records, self.questions, self.em_convention, self.conventions)
+            metrics = point_metrics(point.records, self.questions, self.root, self.em_convention, summaries=summaries)
             metrics.update(panel_metrics(point.records, self.questions, self.root, self.em_convention))
             meta = {
                 "step": point.step,
                 "n_records": len(point.records),
                 "sampling": point.settings,
                 "judges": judge_names(self.resolved, point.tasks),
-                "summary": {str(s): v for s, v in summarize(point.records, self.questions, self.em_convention,
-                                                             self.conventions).items()},
+                "summary": {str(s): v for s, v in summaries.items()},
                 "convention": self.em_convention.describe(),
                 "meaningful": self.root == "eval",
                 "metrics": metrics,

@@ -38,7 +38,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from em_lightning.callbacks.in_loop_judge import InLoopJudge
 from em_lightning.callbacks.sample_generations import SampleGenerations
 from em_lightning.dashboard import log_scalars, log_text
-from em_lightning.evaluation.runner import judge_records
+from em_lightning.evaluation.judging import judge_records
 from em_lightning.events import resolve_run_dir
 from em_lightning.probes.activations import collect, layer_count
 from em_lightning.probes.alignment import cosine, layer_of, output_vectors

@@ -31,7 +31,8 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import FSDPStrategy
 
 from em_lightning.evaluation.conditions import Condition, with_conditions
-from em_lightning.evaluation.runner import EvalPoint, point_meta, sample_records, write_point
+from em_lightning.evaluation.records import write_point
+from em_lightning.evaluation.runner import EvalPoint, point_meta, sample_records
 from em_lightning.evaluation.sampling import SamplingConfig
 from em_lightning.events import announce, resolve_run_dir
 from em_lightning.questions import load_questions

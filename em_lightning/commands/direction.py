@@ -23,7 +23,7 @@ import yaml
 
 from em_lightning.commands import help_parser
 from em_lightning.commands.eval import load_model_for_eval
-from em_lightning.evaluation.runner import point_path
+from em_lightning.evaluation.records import point_path
 from em_lightning.probes.directions import AnswerClasses, direction_path, save_direction
 from em_lightning.probes.logprob import load_triples
 from em_lightning.probes.posthoc import direction_from_examples, judged_examples, triple_examples

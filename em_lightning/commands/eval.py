@@ -7,7 +7,7 @@ optionally at several adapter scales, through the same runner as the in-loop cal
     em-fit eval --base Qwen/Qwen2.5-14B-Instruct --adapter DIR --questions Q.yaml \
         --judge-config callbacks/in_loop_judge.yaml
 
-Writes ``<out>/step_XXXXXXX.jsonl`` (the record format of ``evaluation.runner``), its ``.meta.json``
+Writes ``<out>/step_XXXXXXX.jsonl`` (the record format of ``evaluation.records``), its ``.meta.json``
 sidecar and ``<out>/summary.json`` (metrics per scale: the EM rate under ``--convention`` with its 95%
 interval and the answers behind it, every named convention beside it). Without ``--judge-config`` the
 answers are written unjudged and no metric is computed. Sampling settings not given as flags come from
@@ -35,17 +35,11 @@ from em_lightning.commands import help_parser
 from em_lightning.callbacks.in_loop_judge import InLoopJudge
 from em_lightning.checkpoints import checkpoint_global_step, consolidate
 from em_lightning.evaluation.metrics import DEFAULT_CONVENTION, convention_named, resolve_conventions
-from em_lightning.evaluation.panel import apply_panel, panel_metrics
-from em_lightning.evaluation.runner import (
-    evaluate,
-    json_safe,
-    judge_prompt_names,
-    judge_share,
-    judge_tasks,
-    metrics_root,
-    point_meta,
-    write_point,
-)
+from em_lightning.evaluation.judging import judge_prompt_names, judge_share, judge_tasks
+from em_lightning.evaluation.panel import apply_panel
+from em_lightning.evaluation.records import json_safe, write_point
+from em_lightning.evaluation.runner import evaluate, point_meta
+from em_lightning.eval_tags import metrics_root, panel_metrics
 from em_lightning.evaluation.sampling import SamplingConfig
 from em_lightning.finite import check_finite
 from em_lightning.judges.cache import JudgeCache

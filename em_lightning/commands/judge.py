@@ -24,7 +24,7 @@ from em_lightning.commands.eval import load_judge_config
 from em_lightning.data_registry import BY_NAME, DEFAULT_DIR
 from em_lightning.evaluation.calibration import calibrate, calibration_prompts
 from em_lightning.evaluation.metrics import DEFAULT_CONVENTION, convention_named, resolve_conventions
-from em_lightning.evaluation.runner import json_safe
+from em_lightning.evaluation.records import json_safe
 from em_lightning.judged_answers import METRICS, read_judged_csv
 from em_lightning.judges.cache import JudgeCache
 from em_lightning.judges.factory import prepare_judges

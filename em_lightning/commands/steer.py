@@ -33,7 +33,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from em_lightning.commands import help_parser
 from em_lightning.commands.eval import load_judge_config, load_model_for_eval
-from em_lightning.evaluation.runner import judge_prompt_names, judge_records
+from em_lightning.evaluation.judging import judge_prompt_names, judge_records
 from em_lightning.evaluation.sampling import SamplingConfig
 from em_lightning.judges.cache import JudgeCache
 from em_lightning.judges.factory import prepare_judges

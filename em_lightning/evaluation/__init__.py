@@ -4,7 +4,6 @@ agreement and calibration (no Lightning imports here)."""
 from em_lightning.evaluation.metrics import (
     CONVENTIONS,
     Convention,
-    EMRate,
     cluster_bootstrap_ci,
     em_summary,
     is_em,
@@ -27,7 +26,6 @@ __all__ = [
     "CONVENTIONS",
     "Convention",
     "DEFAULT_SAMPLES_PER_PARAPHRASE",
-    "EMRate",
     "Generation",
     "QUESTION_TYPES",
     "Question",

@@ -18,7 +18,7 @@ No Lightning.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from em_lightning.evaluation.metrics import MODEL_ORGANISMS, Convention, em_summary
@@ -80,11 +80,11 @@ def with_conditions(questions: Sequence[Question], conditions: Sequence[Conditio
     return out
 
 
-def condition_metrics(records: Sequence[dict], prefix: str, convention: Convention = MODEL_ORGANISMS
+def condition_metrics(records: Sequence[Mapping], prefix: str = "", convention: Convention = MODEL_ORGANISMS
                       ) -> dict[str, float]:
     """``<prefix>condition/<name>/{em_rate, em_rate_ci95_low, em_rate_ci95_high, em_rate_n, coherent_rate,
     coherent_mean}`` for every condition of the records (0-100-judged ones), when there are several."""
-    groups: dict[str, list[dict]] = {}
+    groups: dict[str, list[Mapping]] = {}
     for r in records:
         groups.setdefault(r.get("condition") or PLAIN, []).append(r)
     if len(groups) < 2:

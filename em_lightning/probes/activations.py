@@ -17,17 +17,13 @@ import torch
 import torch.distributed as dist
 
 from em_lightning.adapters import ADAPTER_NAME
+from em_lightning.distributed import rank_world
+from em_lightning.eval_mode import eval_no_grad
 from em_lightning.evaluation.sampling import shard_indices
 from em_lightning.loss import text_config
 from em_lightning.probes.directions import ClassSums
 from em_lightning.probes.tokens import answer_mask, encode_pair, pad_id, pad_right
 from em_lightning.sharding import decoder_layers
-
-
-def _dist() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def layer_count(model: torch.nn.Module) -> int:
@@ -43,17 +39,6 @@ def last_logit_only(model: torch.nn.Module) -> dict:
     """``logits_to_keep=1`` when the model takes it: the probe needs hidden states, not the vocabulary."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(base.forward).parameters else {}
-
-
-@contextmanager
-def eval_no_grad(model: torch.nn.Module):
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield model
-    finally:
-        model.train(was_training)
 
 
 @contextmanager
@@ -108,7 +93,7 @@ def collect(
     d = int(text_config(model.config).hidden_size)
     sums = ClassSums.zeros(len(layers), d, device)
     scalars = torch.zeros(len(lora), len(prompts), dtype=torch.float64, device=device)
-    rank, world = _dist()
+    rank, world = rank_world()
     mine = shard_indices(len(prompts), rank, world)  # None: padding, so every rank runs as many batches
     state: dict = {"mean": [None] * len(layers), "norm": [None] * len(layers), "lora": {}}
     pad, extra = pad_id(tokenizer), last_logit_only(model)

@@ -31,6 +31,7 @@ from safetensors import safe_open
 from safetensors.torch import save
 
 from em_lightning.atomic_io import atomic_write
+from em_lightning.distributed import rank_world
 from em_lightning.evaluation.metrics import ALIGNED_BELOW, COHERENT_ABOVE
 
 DIRECTIONS = "directions"
@@ -83,7 +84,7 @@ class ClassSums:
 
     def all_reduce(self) -> None:
         """Sum over ranks (collective when torch.distributed is initialised): every rank gets the totals."""
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if rank_world()[1] > 1:
             flat = torch.cat([self.total.reshape(-1), self.count, self.norm])
             dist.all_reduce(flat, op=dist.ReduceOp.SUM)
             n = self.total.numel()

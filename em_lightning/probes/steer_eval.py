@@ -1,7 +1,7 @@
 """Sample the evaluation questions under steering or ablation, summarise, and write
 ``<run_dir>/steering/step_XXXXXXX.jsonl`` (``em-fit steer`` and the ``MechanisticProbes`` callback).
 
-Records are those of ``evaluation.runner`` (judge them with ``runner.judge_records``) plus ``alpha``,
+Records are ``evaluation.records.EvalRecord``s (judge them with ``judging.judge_records``) with ``alpha``,
 ``mode`` (``steer``: the base model, adapter scale 0, plus alpha x the direction; ``ablate``: the
 fine-tuned model, adapter scale 1, with alpha x the direction projected out), ``layers``,
 ``source_layer`` (null: each layer's own direction) and ``direction_step``. Sampling seeds do not depend
@@ -17,7 +17,8 @@ from pathlib import Path
 
 from em_lightning.adapters import lora_layers
 from em_lightning.evaluation.metrics import em_summary
-from em_lightning.evaluation.runner import SCORED_TYPE, point_path, read_jsonl, sample_records, write_point
+from em_lightning.evaluation.records import SCORED_TYPE, EvalRecord, point_path, read_jsonl, read_records, write_point
+from em_lightning.evaluation.runner import sample_records
 from em_lightning.evaluation.sampling import SamplingConfig
 from em_lightning.judges.base import is_meaningful
 from em_lightning.probes.alignment import layer_of, writes_residual
@@ -38,17 +39,17 @@ def default_layers(model, direction: Direction) -> list[int]:
 
 def steered_records(model, tokenizer, questions: Sequence[Question], sampling: SamplingConfig, step: int,
                     direction: Direction, alphas: Sequence[float], layers: Sequence[int], mode: str = "steer",
-                    source_layer: int | None = None, synced: bool = False) -> list[dict]:
+                    source_layer: int | None = None, synced: bool = False) -> list[EvalRecord]:
     """Unjudged records for every alpha (collective under torch.distributed, like ``sample_records``)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     scale = 0.0 if mode == "steer" else 1.0
-    records: list[dict] = []
+    records: list[EvalRecord] = []
     for alpha in alphas:
         with intervene(model, direction, mode, float(alpha), layers, source_layer):
             batch = sample_records(model, tokenizer, questions, sampling, step, [scale], synced)
         for r in batch:
-            r.update(alpha=float(alpha), mode=mode, layers=[int(L) for L in layers], source_layer=source_layer,
+            r.extra.update(alpha=float(alpha), mode=mode, layers=[int(L) for L in layers], source_layer=source_layer,
                      direction_step=direction.step)
         records += batch
     return records
@@ -94,12 +95,12 @@ def steering_tags(rows: Sequence[dict], root: str = "mech/steer") -> dict[str, f
     return out
 
 
-def write_steering(run_dir: str | Path, step: int, records: Sequence[dict]) -> Path:
+def write_steering(run_dir: str | Path, step: int, records: Sequence[EvalRecord]) -> Path:
     """Write (merging) ``<run_dir>/steering/step_XXXXXXX.jsonl``; returns its path."""
     directory = Path(run_dir) / STEERING
     path = point_path(directory, step)
     new = {_key(r) for r in records}
-    kept = [r for r in read_jsonl(path) if _key(r) not in new] if path.is_file() else []
+    kept = [r for r in read_records(path) if _key(r) not in new] if path.is_file() else []
     return write_point(directory, step, kept + list(records))
 
 

@@ -24,7 +24,7 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure
 
 from em_lightning.evaluation.metrics import em_summary
-from em_lightning.evaluation.runner import read_jsonl
+from em_lightning.evaluation.records import read_jsonl
 from em_lightning.phase.store import read_trajectory
 from em_lightning.probes.alignment import cosine, layer_of, writes_residual
 from em_lightning.probes.directions import AnswerClasses, Direction, latest_direction
