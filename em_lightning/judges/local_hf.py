@@ -22,12 +22,12 @@ Models that alternate sliding-window layers (config.layer_types, e.g. Gemma 3) g
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 
 import torch
 
 from em_lightning.decoding import DecodeSettings, decode, left_pad, padded_positions
+from em_lightning.eval_mode import eval_no_grad
 from em_lightning.models import resolve_dtype
 
 from .base import JudgeResult, aggregate_score
@@ -119,7 +119,7 @@ class LocalHFJudge:
 
     def score_prompts(self, prompts: Sequence[str]) -> list[JudgeResult]:
         results: list[JudgeResult | None] = [None] * len(prompts)
-        with self._eval_mode(), torch.inference_mode():
+        with eval_no_grad(self.model):  # no dropout while judging
             for idx, batch in self._batches(prompts):
                 probs_rows = self._number_logprobs(batch).exp().cpu().tolist()
                 for i, row in zip(idx, probs_rows):
@@ -130,7 +130,7 @@ class LocalHFJudge:
     def classify_prompts(self, prompts: Sequence[str]) -> list[JudgeResult]:
         """Greedy answer (a few tokens) as label; probs = top-k of the first answer token."""
         results: list[JudgeResult | None] = [None] * len(prompts)
-        with self._eval_mode(), torch.inference_mode():
+        with eval_no_grad(self.model):
             for idx, batch in self._batches(prompts):
                 labels, firsts = self._greedy(batch)
                 for i, label, dist in zip(idx, labels, firsts):
@@ -155,15 +155,6 @@ class LocalHFJudge:
         order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
         chunks = [order[s : s + self.batch_size] for s in range(0, len(order), self.batch_size)]
         return [(idx, [encoded[i] for i in idx]) for idx in chunks]
-
-    @contextlib.contextmanager
-    def _eval_mode(self):
-        was_training = self.model.training
-        self.model.eval()  # no dropout while judging
-        try:
-            yield
-        finally:
-            self.model.train(was_training)
 
     @property
     def _device(self) -> torch.device:
