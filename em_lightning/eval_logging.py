@@ -4,33 +4,30 @@ point's metrics and answer table in the run's loggers (TensorBoard's TEXT tab fo
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
 from pathlib import Path
 
 import lightning.pytorch as pl
-from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 
 from em_lightning.atomic_io import atomic_write
 from em_lightning.evaluation.plan import answers_per_point, judge_calls_per_point, planned_points
 from em_lightning.eval_tags import scale_prefix
 from em_lightning.evaluation.records import CORE_SCORES
+from em_lightning.events import EvaluationSource
+from em_lightning.run_logger import RunLogger
 
 
-def announce_plan(trainer: pl.Trainer, run_dir: Path, sources: Sequence, names: list[str], step: int,
+def announce_plan(trainer: pl.Trainer, run_dir: Path, source: EvaluationSource, names: list[str], step: int,
                   max_judge_calls: int | None, calls_used: int, judges: int = 1, note: str = "") -> None:
     """Print the points, answers and judge calls from ``step`` to the planned end, and (rank 0) write them
-    to ``<run_dir>/evaluation_plan.json``. ``sources``: the run's SampleGenerations callbacks; ``judges``:
+    to ``<run_dir>/evaluation_plan.json``. ``source``: what SampleGenerations samples and when; ``judges``:
     how many judges score each answer (a panel); ``note``: the convention / demo-judge line (point_note)."""
     end = int(trainer.estimated_stepping_batches)
     ckpt = trainer.checkpoint_callback  # StepCheckpoint (its every_n_steps), or another Checkpoint
-    points, answers, calls = set(), 0, 0
-    for cb in sources:
-        every_ckpt = getattr(ckpt, "every_n_steps", None) if cb.at_checkpoints else None
-        mine = planned_points(step, end, cb.every_n_steps, every_ckpt, cb.at_fit_end)
-        points.update(mine)
-        answers += len(mine) * answers_per_point(cb.questions, cb.sampling, cb.scales)
-        calls += len(mine) * judge_calls_per_point(cb.questions, cb.sampling, cb.scales, names) * judges
+    every_ckpt = getattr(ckpt, "every_n_steps", None) if source.at_checkpoints else None
+    points = set(planned_points(step, end, source.every_n_steps, every_ckpt, source.at_fit_end))
+    answers = len(points) * answers_per_point(source.questions, source.sampling, source.scales)
+    calls = len(points) * judge_calls_per_point(source.questions, source.sampling, source.scales, names) * judges
     plan = {"from_step": step, "to_step": end, "points": sorted(points), "answers": answers,
             "judge_calls": calls, "judge_prompts": names, "max_judge_calls": max_judge_calls,
             "judge_calls_used_before": calls_used,
@@ -53,19 +50,16 @@ def point_note(convention: str, judges: dict[str, str], meaningful: bool) -> str
     return note if meaningful else f"**{DEMO_LABEL}.** {note}"
 
 
-def log_point(trainer: pl.Trainer, step: int, records: list[dict], metrics: dict[str, float],
+def log_point(log: RunLogger, step: int, records: list[dict], metrics: dict[str, float],
               answers_per_question: int, max_answer_chars: int, root: str = "eval", note: str = "") -> None:
-    """The point's metrics at its own step, and per adapter scale a table of a few answers (rank 0) under
-    ``<root>/`` (``eval_demo/`` for the demo judge), headed by ``note`` (``point_note``)."""
-    for logger in trainer.loggers:
-        logger.log_metrics(metrics, step=step)
-        if isinstance(logger, TensorBoardLogger):
-            for scale in dict.fromkeys(r["scale"] for r in records):
-                table = answers_table([r for r in records if r["scale"] == scale], answers_per_question,
-                                      max_answer_chars)
-                text = f"{note}\n\n{table}" if note else table
-                logger.experiment.add_text(scale_prefix(scale, root) + "answers", text, global_step=step)
-        logger.save()
+    """The point's metrics at its own step, and per adapter scale a table of a few answers under
+    ``<root>/`` (``eval_demo/`` for the demo judge), headed by ``note`` (``point_note``); then saved, so that
+    a judged point survives a crash right after it."""
+    log.scalars(metrics, step)
+    for scale in dict.fromkeys(r["scale"] for r in records):
+        table = answers_table([r for r in records if r["scale"] == scale], answers_per_question, max_answer_chars)
+        log.text(scale_prefix(scale, root) + "answers", f"{note}\n\n{table}" if note else table, step)
+    log.save()
 
 
 def answers_table(records: list[dict], answers_per_question: int, max_answer_chars: int) -> str:

@@ -8,7 +8,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "em_lightning"
 LIGHTNING_LAYER = {"module", "data", "strategies", "callbacks", "events", "dashboard", "logger_compat", "eval_logging",
-                   "eval_tags"}
+                   "eval_tags", "model_source"}
 LIBRARY_RANK = {"judges": 3.0, "phase": 3.0, "evaluation": 3.1, "probes": 3.2, "report": 3.2, "sweep": 3.3,
                 "defenses": 3.3}
 
@@ -73,3 +73,36 @@ def test_no_cycles_between_packages():
                 edges.setdefault(a, set()).add(b)
     cycles = sorted({tuple(sorted((a, b))) for a in edges for b in edges[a] if a in edges.get(b, ())})
     assert not cycles, cycles
+
+
+def sibling_imports(folder: Path, dotted: str) -> list[tuple[str, str, int]]:
+    """(importer, imported, line) for every import between two modules of the package ``dotted`` in ``folder``;
+    the package's ``__init__`` (re-exports, shared helpers such as ``help_parser``) is neither."""
+    modules = {f"{dotted}.{p.stem}" for p in folder.glob("*.py") if p.name != "__init__.py"}
+    found = []
+    for path in sorted(folder.glob("*.py")):
+        me = f"{dotted}.{path.stem}"
+        if me not in modules:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.ImportFrom) and node.module:  # "from pkg import mod" names a module too
+                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            found += [(me, n, node.lineno) for n in names if n in modules and n != me]
+    return found
+
+
+@pytest.mark.parametrize("package", ["callbacks", "commands"])
+def test_no_imports_between_callbacks_or_between_commands(package):
+    """Callbacks hear from each other through events.py; commands share code through lower layers."""
+    assert sibling_imports(PACKAGE / package, f"em_lightning.{package}") == []
+
+
+def test_the_sibling_check_sees_both_import_forms(tmp_path):
+    (tmp_path / "__init__.py").write_text("from pkg.a import A\n")  # the package's own re-export: allowed
+    (tmp_path / "a.py").write_text("import os\nfrom pkg.b import B\n")
+    (tmp_path / "b.py").write_text("from pkg import c\n")
+    (tmp_path / "c.py").write_text("from pkg import helper\n")  # a name of __init__, not a module
+    assert sibling_imports(tmp_path, "pkg") == [("pkg.a", "pkg.b", 2), ("pkg.b", "pkg.c", 1)]

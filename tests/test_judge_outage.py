@@ -26,6 +26,7 @@ from clirun import REPO, SMOKE, em_fit, ok, run_dirs
 from em_lightning.judges.deadline import judge_deadline
 from em_lightning.judges.loopback import LoopbackServer, Reply, completion
 from em_lightning.judges.openai_compat import OpenAICompatibleJudge
+from em_lightning.judges.spec import load_judge_spec
 from tb_scalars import assert_one_value_per_step
 from test_background_judging import SlowJudge, fit, scalars
 
@@ -181,7 +182,5 @@ trainer:
 
 
 def test_the_preset_states_the_deadline_and_breaker(repo_root):
-    from em_lightning.commands.eval import load_judge_config
-
-    inloop = load_judge_config(repo_root / "callbacks" / "in_loop_judge.yaml")
+    inloop = load_judge_spec(repo_root / "callbacks" / "in_loop_judge.yaml")
     assert inloop.point_deadline_s == 1800 and inloop.judge.breaker_failures == 8 and inloop.judge.timeout_s == 30

@@ -13,8 +13,8 @@ from clirun import REPO, em_fit, ok, run_dirs, scalars
 
 from em_lightning.callbacks import MechanisticProbes
 from em_lightning.cli import main
-from em_lightning.commands.eval import load_model_for_eval
 from em_lightning.evaluation.records import read_jsonl
+from em_lightning.model_source import load_model_for_eval
 from em_lightning.models import ModelSpec, load_model, load_tokenizer
 from em_lightning.probes import (
     AnswerClasses,

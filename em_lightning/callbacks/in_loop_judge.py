@@ -1,6 +1,7 @@
 """InLoopJudge: judge the answers of every SampleGenerations point, log EM metrics, write the JSONL.
 
-Subscribes to ``on_generations``. Sampling needs the model; judging a finished point does not, so by
+Subscribes to ``on_evaluation_source`` (the questions, at set-up) and ``on_generations``; announces
+``on_judges_ready`` once its judges are built (``judges.build_judges`` of its ``JudgeSpec``). Sampling needs the model; judging a finished point does not, so by
 default (``background``) each rank's share of the (answer, judge prompt) calls runs in a worker thread
 while training goes on. Once every rank's share is done (checked after each optimizer step with one tiny
 all-reduce while a point is pending), the shares are gathered on every rank, and rank 0 rewrites
@@ -53,10 +54,8 @@ import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 
-from em_lightning.callbacks.sample_generations import SampleGenerations
 from em_lightning.evaluation.judging import (
     Judgement,
     JudgeTask,
@@ -70,17 +69,19 @@ from em_lightning.evaluation.judging import (
 from em_lightning.evaluation.records import EvalRecord, point_path, read_records, write_point
 from em_lightning.evaluation.summaries import summarize
 from em_lightning.eval_logging import announce_plan, log_point, point_note
-from em_lightning.eval_tags import metrics_root, panel_metrics, point_metrics
+from em_lightning.eval_tags import panel_metrics, point_metrics
 from em_lightning.evaluation.metrics import convention_named, resolve_conventions
 from em_lightning.evaluation.panel import apply_panel
 from em_lightning.evaluation.sampling import shard_indices
 from em_lightning.distributed import rank_world
-from em_lightning.events import announce, resolve_run_dir
-from em_lightning.judges.base import Judge, is_meaningful
+from em_lightning.events import EvaluationSource, announce, resolve_run_dir
+from em_lightning.judges.base import Judge
 from em_lightning.judges.cache import JudgeCache
 from em_lightning.judges.deadline import DEADLINE_PASSED, is_lost_to_judge_outage, judge_deadline
-from em_lightning.judges.factory import prepare_judges
+from em_lightning.judges.factory import Judging, build_judges
+from em_lightning.judges.spec import JudgeSpec
 from em_lightning.logger_compat import purge_step
+from em_lightning.run_logger import RunLogger
 
 GRACE_S = 30.0  # after a point's deadline, how long a judge that ignores it is still waited for
 CLOSE_WAIT_S = 5.0  # at teardown, how long the worker may take to finish (it is idle unless a judge hangs)
@@ -169,23 +170,21 @@ class InLoopJudge(Callback):
                 judgements fail ("deadline passed") and the point is left unjudged (see the module doc).
                 None: no deadline (a dead judge can then hold the end of fit indefinitely).
         """
-        if max_judge_calls is not None and max_judge_calls < 0:
-            raise ValueError(f"InLoopJudge: max_judge_calls must be >= 0 or null, got {max_judge_calls}")
-        if point_deadline_s is not None and point_deadline_s <= 0:
-            raise ValueError(f"InLoopJudge: point_deadline_s must be > 0 or null, got {point_deadline_s}")
-        self.point_deadline_s = point_deadline_s
-        self.judge, self.judges, self.judge_prompts = judge, dict(judges or {}), judge_prompts
-        self.panel = dict(panel or {})
+        try:  # the judging settings, shared with em-fit eval / steer / judge calibrate
+            self.spec = JudgeSpec(judge, dict(judges or {}), judge_prompts, dict(panel or {}), convention, conventions,
+                                  cache, cache_path, max_judge_calls, point_deadline_s)
+        except ValueError as exc:
+            raise ValueError(f"InLoopJudge: {exc}") from None
+        self.judge, self.judge_prompts, self.panel = judge, judge_prompts, self.spec.panel
+        self.point_deadline_s, self.max_judge_calls = point_deadline_s, max_judge_calls
         self.conventions = resolve_conventions(conventions)
         self.em_convention = convention_named(convention, conventions)
-        self.panel_resolved: dict[str, dict[str, Judge]] = {}
-        self.root = "eval"  # "eval_demo" when a judge's scores mean nothing (set at setup)
-        self.cache, self.cache_path = cache, cache_path
         self.answers_per_question, self.max_answer_chars = answers_per_question, max_answer_chars
-        self.background, self.max_judge_calls = background, max_judge_calls
+        self.background = background
+        self.source: EvaluationSource | None = None  # SampleGenerations' questions (on_evaluation_source)
         self.questions: list = []
-        self.sources: list[SampleGenerations] = []
-        self.resolved: dict[str, Judge] | None = None  # built at setup (cache, key check); MechanisticProbes too
+        self.judging: Judging | None = None  # built once at set-up (cache, API-key check); announced
+        self.root = "eval"  # "eval_demo" when a judge's scores mean nothing (set with the judges)
         self.run_dir: Path | None = None
         self.calls_used = 0  # checkpointed: the budget spans resumes
         self.skipped: list[int] = []  # points left unjudged: budget or judge outage (checkpointed)
@@ -211,48 +210,51 @@ class InLoopJudge(Callback):
         if self.state_key in checkpoint.get("callbacks", {}):
             checkpoint["callbacks"][self.state_key] = self.state_dict()
 
-    # -- set-up --------------------------------------------------------------------------------------
+    # -- set-up (SampleGenerations may be set up before or after this callback: see events.py) ------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self.run_dir = resolve_run_dir(trainer)  # collective: every rank
         self._resumed, self._stuck = False, None
-        self.sources = [cb for cb in trainer.callbacks if isinstance(cb, SampleGenerations)]
-        if not self.sources:
-            raise ValueError("InLoopJudge needs a SampleGenerations callback (it judges that callback's answers)")
-        self.questions = [q for cb in self.sources for q in cb.questions]
-        if self.resolved is not None:
-            return
-        names = judge_prompt_names(self.questions, self.judge_prompts)
-        cache = None
-        if self.cache:
-            path = Path(self.cache_path) if self.cache_path else self.run_dir / "judge_cache.sqlite"
-            if trainer.is_global_zero:
-                JudgeCache(path)  # rank 0 creates the file before the others open it
-            trainer.strategy.barrier("InLoopJudge.cache")
-            cache = JudgeCache(path)
-        try:  # a missing API key fails now, not at the first evaluation point
-            resolved = prepare_judges({"*": self.judge, **self.judges}, names, cache)
-        except ValueError as exc:
-            raise ValueError(f"InLoopJudge: {exc}") from None
-        self.resolved = resolved
-        try:
-            self.panel_resolved = {m: prepare_judges(j, names, cache) for m, j in self.panel.items()}
-        except ValueError as exc:
-            raise ValueError(f"InLoopJudge: panel: {exc}") from None
-        if self._primary_name() in self.panel:
-            raise ValueError(f"InLoopJudge: panel member {self._primary_name()!r} has the primary judge's name")
-        self.root = metrics_root(self.resolved, {m: next(iter(j.values())) for m, j in self.panel_resolved.items() if j})
+        self._build_judges(trainer, pl_module)
 
-    def _primary_name(self) -> str:
-        return getattr(self.judge, "name", type(self.judge).__name__)
+    def on_evaluation_source(self, trainer, pl_module, source: EvaluationSource) -> None:
+        self.source, self.questions = source, list(source.questions)
+        self._build_judges(trainer, pl_module)
+
+    def _build_judges(self, trainer, pl_module) -> None:
+        """Once the run directory and the questions are both known (every rank, in the same hook): the
+        judges, cached and with their API keys checked (a missing key fails now, not at the first point)."""
+        if self.run_dir is None or self.source is None:
+            return
+        if self.judging is None:
+            if (path := self.spec.cache_file(self.run_dir)) is not None:
+                if trainer.is_global_zero:
+                    JudgeCache(path)  # rank 0 creates the file before the others open it
+                trainer.strategy.barrier("InLoopJudge.cache")
+            try:
+                self.judging = build_judges(self.spec, judge_prompt_names(self.questions, self.judge_prompts),
+                                            self.run_dir)
+            except ValueError as exc:
+                raise ValueError(f"InLoopJudge: {exc}") from None
+            self.root = "eval" if self.judging.meaningful else "eval_demo"
+        announce(trainer, "on_judges_ready", pl_module, self.judging)
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._require_source()
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._require_source()
+
+    def _require_source(self) -> None:
+        if self.judging is None:  # every callback is set up by now
+            raise ValueError("InLoopJudge needs a SampleGenerations callback (it judges that callback's answers)")
 
     def _note(self) -> str:
-        judges = {"": self._primary_name(), **{m: m for m in self.panel}}
+        judges = {"": self.spec.primary_name, **{m: m for m in self.panel}}
         return point_note(self.em_convention.describe(), judges, self.root == "eval")
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        announce_plan(trainer, self.run_dir, self.sources, judge_prompt_names(self.questions, self.judge_prompts),
-                      trainer.global_step, self.max_judge_calls, self.calls_used,
-                      1 + len(self.panel), self._note())
+        announce_plan(trainer, self.run_dir, self.source, self.judging.names, trainer.global_step,
+                      self.max_judge_calls, self.calls_used, 1 + len(self.panel), self._note())
         self._resume(trainer)
 
     def _resume(self, trainer) -> None:
@@ -268,7 +270,7 @@ class InLoopJudge(Callback):
         if purged and trainer.is_global_zero and meta.is_file():
             metrics = json.loads(meta.read_text()).get("metrics")
             if metrics:
-                log_point(trainer, step, read_records(point_path(self.run_dir / "generations", step)), metrics,
+                log_point(RunLogger.of(trainer), step, read_records(point_path(self.run_dir / "generations", step)), metrics,
                           self.answers_per_question, self.max_answer_chars,
                           self.root, self._note())
         for pending in self._resume_pending:  # pending at the checkpoint: judge again unless it finished
@@ -301,8 +303,8 @@ class InLoopJudge(Callback):
         """In the worker thread: this rank's share, within the point's deadline."""
         point.started = time.monotonic()
         with judge_deadline(self.point_deadline_s):
-            return judge_share(point.records, self.questions, self.resolved, point.tasks, rank, world,
-                               self.panel_resolved)
+            return judge_share(point.records, self.questions, self.judging.by_prompt, point.tasks, rank, world,
+                               self.judging.panel)
 
     def _skip(self, trainer, step: int, records: list[EvalRecord], settings: dict, n_calls: int) -> None:
         reason = (f"judge budget: step {step} needs {n_calls} calls, {self.calls_used} of max_judge_calls="
@@ -315,10 +317,9 @@ class InLoopJudge(Callback):
         if trainer.is_global_zero:
             meta = {"step": step, "n_records": len(records), **meta}
             write_point(self.run_dir / "generations", step, records, meta)
-            for logger in trainer.loggers:
-                logger.log_metrics({"eval/points_unjudged": float(len(self.skipped))}, step=step)
-                if isinstance(logger, TensorBoardLogger):
-                    logger.experiment.add_text("eval/judging", reason, global_step=step)
+        log = RunLogger.of(trainer)  # writes on rank 0 only
+        log.scalars({"points_unjudged": float(len(self.skipped))}, step, prefix="eval/")
+        log.text("eval/judging", reason, step)
 
     # -- finishing points (collective: every rank calls these at the same moments) ---------------------
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -383,12 +384,12 @@ class InLoopJudge(Callback):
     def _finish(self, trainer, point: _Pending) -> None:
         judgements = gather_judgements(self._local_share(trainer, point))
         apply_judgements(point.records, point.tasks, judgements, self.em_convention)
-        apply_panel(point.records, point.tasks, judgements, self._primary_name(), self.em_convention)
+        apply_panel(point.records, point.tasks, judgements, self.spec.primary_name, self.em_convention)
         lost = [error for *_, error in judgements if is_lost_to_judge_outage(error)]
         if lost:  # partial metrics of a point would be biased: written, not logged, counted as unjudged
             reason = (f"judge outage: step {point.step} left unjudged ({len(lost)} of {len(judgements)} judgements "
                       f"lost; first: {lost[0]}); training goes on")
-            meta = {"sampling": point.settings, "judges": judge_names(self.resolved, point.tasks),
+            meta = {"sampling": point.settings, "judges": judge_names(self.judging.by_prompt, point.tasks),
                     "judging_failed": reason}
             self._leave_unjudged(trainer, point.step, point.records, meta, reason)
             return
@@ -400,14 +401,14 @@ class InLoopJudge(Callback):
                 "step": point.step,
                 "n_records": len(point.records),
                 "sampling": point.settings,
-                "judges": judge_names(self.resolved, point.tasks),
+                "judges": judge_names(self.judging.by_prompt, point.tasks),
                 "summary": {str(s): v for s, v in summaries.items()},
                 "convention": self.em_convention.describe(),
                 "meaningful": self.root == "eval",
                 "metrics": metrics,
             }
             write_point(self.run_dir / "generations", point.step, point.records, meta)
-            log_point(trainer, point.step, point.records, metrics, self.answers_per_question, self.max_answer_chars,
+            log_point(RunLogger.of(trainer), point.step, point.records, metrics, self.answers_per_question, self.max_answer_chars,
                           self.root, self._note())
         # Every rank, at the same moment, with the judged records: subscribers may run collectives.
         announce(trainer, "on_point_judged", trainer.lightning_module, point.step, point.records)

@@ -35,11 +35,10 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 
-from em_lightning.callbacks.in_loop_judge import InLoopJudge
-from em_lightning.callbacks.sample_generations import SampleGenerations
-from em_lightning.dashboard import log_scalars, log_text
 from em_lightning.evaluation.judging import judge_records
-from em_lightning.events import resolve_run_dir
+from em_lightning.evaluation.records import EvalRecord
+from em_lightning.events import EvaluationSource, resolve_run_dir
+from em_lightning.judges.factory import Judging
 from em_lightning.probes.activations import collect, layer_count
 from em_lightning.probes.alignment import cosine, layer_of, output_vectors
 from em_lightning.probes.directions import (
@@ -63,6 +62,7 @@ from em_lightning.probes.steer_eval import (
     write_steering,
 )
 from em_lightning.probes.weights import snapshot_trainable, swapped_in
+from em_lightning.run_logger import RunLogger
 from em_lightning.sharding import is_sharded
 
 _KEEP_SNAPSHOTS = 16  # points sampled but not yet judged (a skipped point's copy is dropped eventually)
@@ -120,14 +120,31 @@ class MechanisticProbes(Callback):
         self.steer = dict(alphas=steer_alphas, mode=steer_mode, layers=steer_layers, source_layer=steer_source_layer)
         self.direction: Direction | None = None
         self.run_dir: Path | None = None
+        self.source: EvaluationSource | None = None  # the questions to steer with (on_evaluation_source)
+        self.judging: Judging | None = None  # InLoopJudge's judges (on_judges_ready)
         self._snapshots: dict[int, dict | None] = {}
         self._seen_step: int | None = None
 
     # -- hooks ---------------------------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self.run_dir = resolve_run_dir(trainer)  # collective: every rank
+
+    def on_evaluation_source(self, trainer, pl_module, source: EvaluationSource) -> None:
+        self.source = source
+
+    def on_judges_ready(self, trainer, pl_module, judging: Judging) -> None:
+        self.judging = judging
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._require_judges()
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._require_judges()
+
+    def _require_judges(self) -> None:
+        """After every callback's set-up: judged points need InLoopJudge (and its SampleGenerations)."""
         needs_points = self.direction_source == "judged" or self.steer["alphas"]
-        if needs_points and not any(isinstance(cb, InLoopJudge) for cb in trainer.callbacks):
+        if needs_points and self.judging is None:
             raise ValueError("MechanisticProbes needs an InLoopJudge for a judged direction or steering (it works "
                              "on that callback's judged points); direction_source: triples needs none")
 
@@ -149,14 +166,14 @@ class MechanisticProbes(Callback):
         (steering runs the base model, scale 0, where the adapter's weights do not matter)."""
         return self.direction_source == "judged" or bool(self.steer["alphas"]) and self.steer["mode"] == "ablate"
 
-    def on_generations(self, trainer, pl_module, step: int, records: list[dict], settings: dict) -> None:
+    def on_generations(self, trainer, pl_module, step: int, records: list[EvalRecord], settings: dict) -> None:
         if not self._needs_point_weights():
             return
         self._snapshots[step] = snapshot_trainable(pl_module.model)  # the weights that wrote these answers
         while len(self._snapshots) > _KEEP_SNAPSHOTS:
             self._snapshots.pop(min(self._snapshots))
 
-    def on_point_judged(self, trainer, pl_module, step: int, records: list[dict]) -> None:
+    def on_point_judged(self, trainer, pl_module, step: int, records: list[EvalRecord]) -> None:
         chosen = [r for r in records if self.answer_scales is None or r["scale"] in self.answer_scales]
         labelled = [(r, y) for r in chosen if (y := self.classes.label(r["scores"])) is not None]
         labels = [y for _, y in labelled]
@@ -170,11 +187,11 @@ class MechanisticProbes(Callback):
             reason = (f"step {step}: no direction: {n_em} EM and {n_aligned} aligned answers, need "
                       f"{self.min_per_class} of each ({self.classes.describe()})")
             rank_zero_info(f"MechanisticProbes: {reason}")
-            log_scalars(trainer, {**metrics, "mech/direction_skipped": 1.0}, step)
-            log_text(trainer, "mech/direction", step, reason)
+            RunLogger.of(trainer).scalars({**metrics, "mech/direction_skipped": 1.0}, step)
+            RunLogger.of(trainer).text("mech/direction", reason, step)
             return
         if not judged and not (self.steer["alphas"] and self.direction is not None):  # nothing to compute
-            log_scalars(trainer, metrics, step)
+            RunLogger.of(trainer).scalars(metrics, step)
             return
         with swapped_in(model, snapshot):
             if judged:
@@ -184,7 +201,7 @@ class MechanisticProbes(Callback):
                                                [r["answer"] for r, _ in labelled], labels, meta))
             if self.steer["alphas"] and self.direction is not None:  # the direction just computed, or the last
                 metrics.update(self._steer(trainer, model, pl_module.tokenizer, step))
-        log_scalars(trainer, metrics, step)
+        RunLogger.of(trainer).scalars(metrics, step)
 
     # -- the work ------------------------------------------------------------------------------------------
     def _alignment(self, model) -> dict[str, float]:
@@ -231,18 +248,17 @@ class MechanisticProbes(Callback):
             metrics.update({"mech/logprob_margin": m["margin"], "mech/logprob_aligned": m["aligned"],
                             "mech/logprob_misaligned": m["misaligned"]})
             metrics.update({f"mech/logprob_margin/{k}": v for k, v in m["per_id"].items()})
-        log_scalars(trainer, metrics, step)
+        RunLogger.of(trainer).scalars(metrics, step)
 
     def _steer(self, trainer, model, tokenizer, step: int) -> dict[str, float]:
-        """Sample the first SampleGenerations' questions under the intervention, judge, write (collective)."""
-        source = next(cb for cb in trainer.callbacks if isinstance(cb, SampleGenerations))
-        judge = next(cb for cb in trainer.callbacks if isinstance(cb, InLoopJudge))
-        judges = judge.resolved  # built once at setup: its cache and API-key check included
+        """Sample SampleGenerations' questions under the intervention, judge with InLoopJudge's judges (built
+        once at set-up: cache and API-key check included), write (collective)."""
+        source, judges = self.source, self.judging.by_prompt
         layers = self.steer["layers"] or default_layers(model, self.direction)
         records = steered_records(model, tokenizer, source.questions, source.sampling, step, self.direction,
                                   self.steer["alphas"], layers, self.steer["mode"], self.steer["source_layer"],
                                   synced=is_sharded(model))
-        judge_records(records, source.questions, judges, judge.judge_prompts)
+        judge_records(records, source.questions, judges, self.judging.spec.judge_prompts)
         if trainer.is_global_zero:
             write_steering(self.run_dir, step, records)
         return steering_tags(steering_summary(records, source.questions), root=steering_root(judges.values()))

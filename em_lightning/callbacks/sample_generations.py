@@ -15,9 +15,10 @@ nor skips one):
 Each point samples on all ranks (prompts sharded, answers gathered; FSDP: full parameters and synced
 forwards), writes the unjudged answers to ``<run_dir>/generations/step_XXXXXXX.jsonl`` on rank 0 (an
 InLoopJudge rewrites the file with the scores), and announces
-``on_generations(trainer, pl_module, step, records, settings)`` with the records of
-``em_lightning.evaluation.runner`` (all scales in one list, each record has ``scale``) and the effective
-sampling settings (with ``scales``).
+``on_generations(trainer, pl_module, step, records, settings)`` with the records
+(``evaluation.records.EvalRecord``: all scales in one list, each record has ``scale``) and the effective
+sampling settings (with ``scales``). At set-up it announces ``on_evaluation_source`` (its questions,
+sampling and schedule: ``events.EvaluationSource``) for the callbacks that judge or steer with them.
 """
 
 from __future__ import annotations
@@ -31,10 +32,10 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import FSDPStrategy
 
 from em_lightning.evaluation.conditions import Condition, with_conditions
-from em_lightning.evaluation.records import write_point
+from em_lightning.evaluation.records import EvalRecord, write_point
 from em_lightning.evaluation.runner import EvalPoint, point_meta, sample_records
 from em_lightning.evaluation.sampling import SamplingConfig
-from em_lightning.events import announce, resolve_run_dir
+from em_lightning.events import EvaluationSource, announce, resolve_run_dir
 from em_lightning.questions import load_questions
 from em_lightning.sharding import is_sharded
 
@@ -123,6 +124,9 @@ class SampleGenerations(Callback):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self.run_dir = resolve_run_dir(trainer)  # collective: every rank
+        source = EvaluationSource(self.questions, self.sampling, self.scales, self.every_n_steps,
+                                  self.at_checkpoints, self.at_fit_end)
+        announce(trainer, "on_evaluation_source", pl_module, source)  # every rank: a judge may build its cache
 
     # -- evaluation points -----------------------------------------------------------------------------
     def _due(self, step: int) -> bool:
@@ -159,7 +163,7 @@ class SampleGenerations(Callback):
             self.evaluate(trainer, pl_module)  # the announcer may run after our on_train_batch_end
 
     # -- the work --------------------------------------------------------------------------------------
-    def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[dict]:
+    def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[EvalRecord]:
         """Sample at the current step on every rank, write (rank 0), announce. Returns the records."""
         step = trainer.global_step
         if trainer.state.fn == "validate" and self._loaded_step is not None:

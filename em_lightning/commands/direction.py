@@ -19,14 +19,13 @@ import json
 import tempfile
 from pathlib import Path
 
-import yaml
-
 from em_lightning.commands import help_parser
-from em_lightning.commands.eval import load_model_for_eval
 from em_lightning.evaluation.records import point_path
+from em_lightning.model_source import load_model_for_eval
 from em_lightning.probes.directions import AnswerClasses, direction_path, save_direction
 from em_lightning.probes.logprob import load_triples
 from em_lightning.probes.posthoc import direction_from_examples, judged_examples, triple_examples
+from em_lightning.run_config import RunConfig
 
 DEFAULT_TRIPLES = "configs/probes/demo_triples.jsonl"
 
@@ -47,12 +46,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _run_triples(run: Path) -> Path:
-    config = yaml.safe_load((run / "config.yaml").read_text()) or {}
-    for cb in (config.get("trainer") or {}).get("callbacks") or []:
-        if isinstance(cb, dict) and str(cb.get("class_path", "")).endswith("MechanisticProbes"):
-            if (cb.get("init_args") or {}).get("triples"):
-                return Path(cb["init_args"]["triples"])
-    return Path(DEFAULT_TRIPLES)
+    triples = (RunConfig(run).callback_args("MechanisticProbes") or {}).get("triples")
+    return Path(triples) if triples else Path(DEFAULT_TRIPLES)
 
 
 def main(argv: list[str]) -> None:

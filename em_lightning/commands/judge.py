@@ -17,17 +17,17 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from em_lightning.atomic_io import atomic_write
-from em_lightning.commands.eval import load_judge_config
 from em_lightning.data_registry import BY_NAME, DEFAULT_DIR
 from em_lightning.evaluation.calibration import calibrate, calibration_prompts
 from em_lightning.evaluation.metrics import DEFAULT_CONVENTION, convention_named, resolve_conventions
 from em_lightning.evaluation.records import json_safe
 from em_lightning.judged_answers import METRICS, read_judged_csv
-from em_lightning.judges.cache import JudgeCache
-from em_lightning.judges.factory import prepare_judges
+from em_lightning.judges.factory import build_judges
+from em_lightning.judges.spec import load_judge_spec
 from em_lightning.questions import load_questions
 from em_lightning.report.calibration import draw_calibration
 
@@ -114,17 +114,16 @@ def calibrate_main(args) -> None:
         calibration_prompts(rows, questions)
     except ValueError as exc:
         raise ValueError(f"{csv}: {exc}") from None
-    config = load_judge_config(args.judge)
+    spec = load_judge_spec(args.judge, flag="--judge")
     conventions = resolve_conventions()
     convention = convention_named(args.convention)
     calls = 2 * len(rows)
-    if config.max_judge_calls is not None and calls > config.max_judge_calls:
+    if spec.max_judge_calls is not None and calls > spec.max_judge_calls:
         raise ValueError(f"--judge {args.judge}: calibration needs {calls} judge calls, max_judge_calls is "
-                         f"{config.max_judge_calls}; nothing judged")
+                         f"{spec.max_judge_calls}; nothing judged")
     args.out.mkdir(parents=True, exist_ok=True)
-    cache = JudgeCache(Path(config.cache_path or args.out / "judge_cache.sqlite")) if config.cache else None
-    try:
-        judge = prepare_judges(config.judge, list(METRICS), cache)[METRICS[0]]
+    try:  # the published judge prompts, all scored by the config's judge (its per-prompt judges and panel aside)
+        judge = build_judges(replace(spec, judges={}, panel={}), list(METRICS), args.out).by_prompt[METRICS[0]]
     except ValueError as exc:  # a missing API key: one line
         raise ValueError(f"--judge {args.judge}: {exc}") from None
     result = calibrate(rows, questions, judge, convention, conventions)

@@ -28,15 +28,13 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-import yaml
-from torch.utils.tensorboard import SummaryWriter
 
 from em_lightning.commands import help_parser
-from em_lightning.commands.eval import load_judge_config, load_model_for_eval
 from em_lightning.evaluation.judging import judge_prompt_names, judge_records
 from em_lightning.evaluation.sampling import SamplingConfig
-from em_lightning.judges.cache import JudgeCache
-from em_lightning.judges.factory import prepare_judges
+from em_lightning.judges.factory import Judging, build_judges
+from em_lightning.judges.spec import load_judge_spec
+from em_lightning.model_source import load_model_for_eval
 from em_lightning.probes.directions import direction_path, direction_steps, load_direction
 from em_lightning.probes.steer_eval import (
     STEERING,
@@ -48,6 +46,8 @@ from em_lightning.probes.steer_eval import (
     write_steering,
 )
 from em_lightning.questions import load_questions
+from em_lightning.run_config import RunConfig
+from em_lightning.run_logger import RunLogger, TensorBoardDir
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -75,16 +75,8 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _run_callback(run: Path, name: str) -> dict | None:
-    config = yaml.safe_load((run / "config.yaml").read_text()) or {}
-    for cb in (config.get("trainer") or {}).get("callbacks") or []:
-        if isinstance(cb, dict) and str(cb.get("class_path", "")).endswith(name):
-            return cb.get("init_args") or {}
-    return None
-
-
 def _questions_and_sampling(args) -> tuple[list, SamplingConfig]:
-    own = _run_callback(args.run, "SampleGenerations") or {}
+    own = RunConfig(args.run).callback_args("SampleGenerations") or {}
     files = args.questions or own.get("questions")
     if not files:
         raise ValueError(f"{args.run}: no SampleGenerations in config.yaml: give --questions")
@@ -96,18 +88,16 @@ def _questions_and_sampling(args) -> tuple[list, SamplingConfig]:
     return questions, replace(sampling, **{k: v for k, v in given.items() if v is not None})
 
 
-def _judges(args, questions):
+def _judges(args, questions) -> Judging | None:
     if args.no_judge:
-        return None, None
+        return None
     path = args.judge_config or args.run / "config.yaml"
-    if args.judge_config is None and _run_callback(args.run, "InLoopJudge") is None:
+    if args.judge_config is None and RunConfig(args.run).callback_args("InLoopJudge") is None:
         print(f"em-fit steer: {path} has no InLoopJudge: answers only (give --judge-config)")
-        return None, None
-    config = load_judge_config(path)
-    names = judge_prompt_names(questions, config.judge_prompts)
-    cache = JudgeCache(Path(config.cache_path or args.run / "judge_cache.sqlite")) if config.cache else None
+        return None
+    spec = load_judge_spec(path, flag="judge config")
     try:
-        return prepare_judges({"*": config.judge, **config.judges}, names, cache), config.judge_prompts
+        return build_judges(spec, judge_prompt_names(questions, spec.judge_prompts), args.run)
     except ValueError as exc:  # a missing API key: one line
         raise ValueError(f"judge config {path}: {exc}") from None
 
@@ -138,7 +128,8 @@ def main(argv: list[str]) -> None:
                          "record them live with --config callbacks/mechanistic_judge_free.yaml")
     direction = load_direction(direction_path(args.run, d_step))
     questions, sampling = _questions_and_sampling(args)
-    judges, names = _judges(args, questions)
+    judging = _judges(args, questions)
+    judges = judging.by_prompt if judging is not None else None
     with tempfile.TemporaryDirectory() as tmp:
         model, tokenizer, step, what = _load(args, Path(tmp))
     model.to(args.device).eval()
@@ -146,7 +137,7 @@ def main(argv: list[str]) -> None:
     records = steered_records(model, tokenizer, questions, sampling, args.step, direction, alphas, layers, mode,
                               args.source_layer)
     if judges is not None:
-        judge_records(records, questions, judges, names)
+        judge_records(records, questions, judges, judging.spec.judge_prompts)
     path = write_steering(args.run, args.step, records)
     rows = steering_summary(records, questions)
     print(f"{what}: {mode} with the direction of step {d_step} at layers {layers}: {len(records)} answers -> {path}")
@@ -159,6 +150,5 @@ def main(argv: list[str]) -> None:
               f"coherent_rate {row['coherent_rate']:.3f}  "
               f"aligned_mean {row['aligned_mean']:.1f}  ({row['n_scored']} scored of {row['n_total']})")
     if judges is not None:
-        with SummaryWriter(str(args.run / STEERING)) as writer:
-            for tag, value in steering_tags(rows, root=root).items():
-                writer.add_scalar(tag, value, args.step)
+        with TensorBoardDir(args.run / STEERING) as tensorboard:
+            RunLogger([tensorboard]).scalars(steering_tags(rows, root=root), args.step)
