@@ -242,8 +242,8 @@ class PreallocatedLayer(DynamicLayer):
         return self.length
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        if self.length:
-            self._k, self._v = self._k[indices], self._v[indices]
+        if self.length:  # index_select copies whole rows (advanced indexing went element by element: 9x slower)
+            self._k, self._v = self._k.index_select(0, indices), self._v.index_select(0, indices)
             self.keys, self.values = self._k[:, :, : self.length], self._v[:, :, : self.length]
 
     def _unsupported(self, *args, **kwargs):
@@ -321,8 +321,11 @@ def decode(
     # Expand the prefilled prompts to their rows (repeated indices copy the cache rows).
     sel = torch.tensor(list(rows), dtype=torch.long, device=device)
     cache.batch_select_indices(sel)
-    logits = out.logits[:, -1, :][sel].float()
-    n_rows, vocab = logits.shape
+    n_rows, vocab = len(sel), out.logits.shape[-1]
+    # fp32 logits go into one buffer for the whole decode: a fresh (rows, vocab) fp32 tensor each step is
+    # over glibc's mmap threshold at 200 rows, so each step paid page faults (20 ms vs 2 ms per copy).
+    logits_buf = torch.empty((n_rows, vocab), dtype=torch.float32, device=device)
+    logits = logits_buf.copy_(out.logits[:, -1, :].index_select(0, sel))
     attn = torch.ones((n_rows, width + n_new), dtype=torch.long, device=device)  # generated columns: all 1
     attn[:, :width] = mask[sel]
     next_pos = mask[sel].sum(-1)
@@ -382,7 +385,7 @@ def decode(
             **keep,
         )
         next_pos = next_pos + 1
-        logits = out.logits[:, -1, :].float()
+        logits = logits_buf[: len(live)].copy_(out.logits[:, -1, :])
 
     eos_set = set(eos.tolist())
     results = []

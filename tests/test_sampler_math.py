@@ -16,6 +16,7 @@ from transformers.generation.logits_process import (
 
 from em_lightning.decoding import (
     DecodeSettings,
+    PreallocatedLayer,
     apply_repetition_penalty,
     candidate_probs,
     penalise_seen_,
@@ -242,3 +243,26 @@ def test_draws_follow_the_distribution_like_torch_multinomial(s, vocab):
     two = float((((c_ours - c_theirs) ** 2) / both)[keep].sum())
     df = int(keep.sum()) - 1
     assert two < df + 5 * (2 * df) ** 0.5
+
+
+# ---- the preallocated KV cache ----------------------------------------------------------------------------
+def test_preallocated_cache_rows_select_repeat_drop_and_keep_growing():
+    """The decode loop's cache layer: expanding prompts to sample rows (repeated indices), dropping stopped
+    rows, then writing further steps gives exactly the keys/values of concatenating per row."""
+    gen = torch.Generator().manual_seed(0)
+    k0, v0 = (torch.randn(2, 3, 4, 8, generator=gen).bfloat16() for _ in range(2))  # 2 prompts, 4 positions
+    layer = PreallocatedLayer(capacity=6)
+    layer.update(k0, v0)
+    rows = torch.tensor([1, 1, 0, 1])  # prompt of each sample row
+    layer.batch_select_indices(rows)
+    ref_k, ref_v = k0[rows], v0[rows]
+    assert torch.equal(layer.keys, ref_k) and torch.equal(layer.values, ref_v)
+    for step, keep in enumerate((None, torch.tensor([0, 2, 3]), None, torch.tensor([2, 0]))):  # 4 steps > capacity
+        if keep is not None:
+            layer.batch_select_indices(keep)
+            ref_k, ref_v = ref_k[keep], ref_v[keep]
+        k, v = (torch.randn(len(ref_k), 3, 1, 8, generator=gen).bfloat16() for _ in range(2))
+        keys, values = layer.update(k, v)
+        ref_k, ref_v = torch.cat([ref_k, k], dim=2), torch.cat([ref_v, v], dim=2)
+        assert torch.equal(keys, ref_k) and torch.equal(values, ref_v)
+        assert layer.get_seq_length() == 4 + step + 1
