@@ -1,5 +1,6 @@
 """What InLoopJudge writes for the user: the evaluation plan announced at the start of fit, and each judged
-point's metrics and answer table in the run's loggers (TensorBoard's TEXT tab for the table)."""
+point's metrics and answer table in the run's loggers, through RunLogger (TensorBoard's TEXT tab for the
+table; ``texts.jsonl`` for loggers without one)."""
 
 from __future__ import annotations
 

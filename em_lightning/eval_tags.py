@@ -10,17 +10,15 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from em_lightning.evaluation.judging import Judges, all_meaningful
 from em_lightning.evaluation.metrics import MODEL_ORGANISMS, Convention
 from em_lightning.evaluation.panel import panel_values
 from em_lightning.evaluation.summaries import scale_metrics, summarize
-from em_lightning.judges.base import Judge
 from em_lightning.questions import Question
 
 
-def metrics_root(judges: Judges | None, panel: Mapping[str, Judge] | None = None) -> str:
-    """``eval``, or ``eval_demo`` when any judge (of the mapping or the panel) says its scores mean nothing."""
-    return "eval" if all_meaningful(judges, panel) else "eval_demo"
+def metrics_root(meaningful: bool) -> str:
+    """``eval``, or ``eval_demo`` when a judge says its scores mean nothing (``judges.factory.Judging.meaningful``)."""
+    return "eval" if meaningful else "eval_demo"
 
 
 def scale_prefix(scale: float, root: str = "eval") -> str:

@@ -45,9 +45,9 @@ def fit(tmp_path, callbacks, max_steps=2):
     L.seed_everything(0, verbose=False)
     module = EMFineTune(base=SPEC, adapter=AdapterSpec(r=1, layers=[1]), lr=0.01, warmup_steps=0, schedule_steps=20)
     data = ChatDataModule(train_files=["configs/data/unit_conversions.jsonl"], base=SPEC)
-    trainer = L.Trainer(accelerator="cpu", max_steps=max_steps, logger=TensorBoardLogger(tmp_path, name="run", version=0),
-                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                        enable_checkpointing=False, callbacks=callbacks)
+    logger = TensorBoardLogger(tmp_path, name="run", version=0)
+    trainer = L.Trainer(accelerator="cpu", max_steps=max_steps, logger=logger, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0, enable_checkpointing=False, callbacks=callbacks)
     trainer.fit(module, data)
     return tmp_path / "run" / "version_0"
 

@@ -90,7 +90,8 @@ def test_load_judge_spec_from_init_args_a_preset_and_a_run_config(tmp_path):
     args = {"judge": API, "judge_prompts": ["aligned"], "max_judge_calls": 9, "answers_per_question": 2}
     (tmp_path / "args.yaml").write_text(yaml.safe_dump(args))
     spec = load_judge_spec(tmp_path / "args.yaml")
-    assert spec.judge_prompts == ["aligned"] and spec.max_judge_calls == 9 and spec.judge.timeout_s == 7.0
+    assert spec.judge_prompts == ["aligned"] and spec.max_judge_calls == 9
+    assert spec.judge.timeout_s == 7.0  # the judge itself is built
     preset = {"trainer": {"callbacks+": [{"class_path": "em_lightning.callbacks.SampleGenerations", "init_args": {}},
                                          {"class_path": "em_lightning.callbacks.InLoopJudge", "init_args": args}]}}
     (tmp_path / "preset.yaml").write_text(yaml.safe_dump(preset))

@@ -1,10 +1,11 @@
 """InLoopJudge: judge the answers of every SampleGenerations point, log EM metrics, write the JSONL.
 
 Subscribes to ``on_evaluation_source`` (the questions, at set-up) and ``on_generations``; announces
-``on_judges_ready`` once its judges are built (``judges.build_judges`` of its ``JudgeSpec``). Sampling needs the model; judging a finished point does not, so by
-default (``background``) each rank's share of the (answer, judge prompt) calls runs in a worker thread
-while training goes on. Once every rank's share is done (checked after each optimizer step with one tiny
-all-reduce while a point is pending), the shares are gathered on every rank, and rank 0 rewrites
+``on_judges_ready`` once its judges are built (``judges.build_judges`` of its ``JudgeSpec``). Sampling needs
+the model; judging a finished point does not, so by default (``background``) each rank's share of the
+(answer, judge prompt) calls runs in a worker thread while training goes on. Once every rank's share is
+done (checked after each optimizer step with one tiny all-reduce while a point is pending), the shares are
+gathered on every rank, and rank 0 rewrites
 ``<run_dir>/generations/step_XXXXXXX.jsonl`` with every score (sidecar ``.meta.json``: settings, judges,
 summaries, metrics) and logs at the point's own step, for each scale s (prefix ``eval/`` for s = 1,
 ``eval/scale_<s>/`` otherwise): ``em_rate``, ``coherent_rate``, ``aligned_mean``, ``coherent_mean``,
@@ -69,7 +70,7 @@ from em_lightning.evaluation.judging import (
 from em_lightning.evaluation.records import EvalRecord, point_path, read_records, write_point
 from em_lightning.evaluation.summaries import summarize
 from em_lightning.eval_logging import announce_plan, log_point, point_note
-from em_lightning.eval_tags import panel_metrics, point_metrics
+from em_lightning.eval_tags import metrics_root, panel_metrics, point_metrics
 from em_lightning.evaluation.metrics import convention_named, resolve_conventions
 from em_lightning.evaluation.panel import apply_panel
 from em_lightning.evaluation.sampling import shard_indices
@@ -235,7 +236,7 @@ class InLoopJudge(Callback):
                                             self.run_dir)
             except ValueError as exc:
                 raise ValueError(f"InLoopJudge: {exc}") from None
-            self.root = "eval" if self.judging.meaningful else "eval_demo"
+            self.root = metrics_root(self.judging.meaningful)
         announce(trainer, "on_judges_ready", pl_module, self.judging)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -270,9 +271,9 @@ class InLoopJudge(Callback):
         if purged and trainer.is_global_zero and meta.is_file():
             metrics = json.loads(meta.read_text()).get("metrics")
             if metrics:
-                log_point(RunLogger.of(trainer), step, read_records(point_path(self.run_dir / "generations", step)), metrics,
-                          self.answers_per_question, self.max_answer_chars,
-                          self.root, self._note())
+                records = read_records(point_path(self.run_dir / "generations", step))
+                log_point(RunLogger.of(trainer), step, records, metrics, self.answers_per_question,
+                          self.max_answer_chars, self.root, self._note())
         for pending in self._resume_pending:  # pending at the checkpoint: judge again unless it finished
             path = point_path(self.run_dir / "generations", pending)
             meta = json.loads(path.with_suffix(".meta.json").read_text())
@@ -408,7 +409,7 @@ class InLoopJudge(Callback):
                 "metrics": metrics,
             }
             write_point(self.run_dir / "generations", point.step, point.records, meta)
-            log_point(RunLogger.of(trainer), point.step, point.records, metrics, self.answers_per_question, self.max_answer_chars,
-                          self.root, self._note())
+            log_point(RunLogger.of(trainer), point.step, point.records, metrics, self.answers_per_question,
+                      self.max_answer_chars, self.root, self._note())
         # Every rank, at the same moment, with the judged records: subscribers may run collectives.
         announce(trainer, "on_point_judged", trainer.lightning_module, point.step, point.records)

@@ -158,5 +158,5 @@ def judge_panel(records: list[dict], questions, judging: Judging, convention) ->
     tasks = [t for t in judge_tasks(records, questions, judging.names, list(judging.panel)) if t.judge]
     judgements = judge_share(records, questions, judging.by_prompt, tasks, panel=judging.panel)
     apply_panel(records, tasks, judgements, judging.primary, convention)
-    return panel_metrics(records, questions, metrics_root(judging.by_prompt), convention)
+    return panel_metrics(records, questions, metrics_root(judging.meaningful), convention)
 

@@ -18,18 +18,11 @@ from em_lightning.distributed import rank_world
 from em_lightning.evaluation.metrics import MODEL_ORGANISMS, Convention
 from em_lightning.evaluation.records import SCORED_TYPE, EvalRecord
 from em_lightning.evaluation.sampling import shard_indices
-from em_lightning.judges.base import Judge, JudgeResult, is_meaningful, render_judge_prompt
+from em_lightning.judges.base import Judge, JudgeResult, render_judge_prompt
 from em_lightning.judges.factory import resolve_judges
 from em_lightning.questions import Question
 
 Judges = Judge | Mapping[str, Judge]
-
-
-def all_meaningful(judges: Judges | None, panel: Mapping[str, Judge] | None = None) -> bool:
-    """False when any judge (of the mapping or the panel) says its scores mean nothing (the demo judge)."""
-    all_judges = list(judges.values()) if isinstance(judges, Mapping) else [judges] if judges is not None else []
-    all_judges += list((panel or {}).values())
-    return all(is_meaningful(j) for j in all_judges)
 
 
 def judge_prompt_names(questions: Sequence[Question], only: Sequence[str] | None = None) -> list[str]:
