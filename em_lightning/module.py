@@ -29,9 +29,10 @@ from em_lightning.eval_mode import eval_no_grad
 from em_lightning.fingerprint import FINGERPRINT
 from em_lightning.finite import NonFiniteError, training_stop_message
 from em_lightning.gguf_cache import exported_base
-from em_lightning.loss import ROW_LENGTHS, labelled_loss_sum, right_padded_lengths
+from em_lightning.loss import ROW_LENGTHS, labelled_loss_sum, loss_lengths
 from em_lightning.models import ModelSpec, load_model, load_tokenizer
 from em_lightning.resumable import STEP_TOKENS
+from em_lightning.run_logger import RunLogger
 from em_lightning.schedule import ScheduleKind, lr_factor, planned_steps, resolve_schedule_steps
 from em_lightning.sharding import ShardingSpec, full, full_state_dict, gather_trainable, is_sharded, shard_model
 
@@ -148,10 +149,10 @@ class EMFineTune(pl.LightningModule):
     # sum(token CE) / count however the step is split. Lightning divides a micro-batch's loss by the
     # accumulation factor and DDP averages gradients over ranks: both are undone here.
     def on_before_batch_transfer(self, batch, dataloader_idx: int):
-        # Padding-free training: each row's real length, read on the host before the batch moves to the device
-        # (no device-to-host sync per micro-batch). Left-padded or unmasked batches stay as they are.
+        # Padding-free training: each row's length up to its last labelled token, read on the host before the batch
+        # moves to the device (no device-to-host sync per micro-batch). Left-padded or unmasked batches stay as they are.
         if self.padding_free and self.trainer.training and isinstance(batch, dict) and "attention_mask" in batch:
-            lengths = right_padded_lengths(batch["attention_mask"])
+            lengths = loss_lengths(batch["attention_mask"], batch["labels"])
             if lengths is not None:
                 batch[ROW_LENGTHS] = lengths
         return batch
@@ -187,29 +188,36 @@ class EMFineTune(pl.LightningModule):
             torch.stack([self._step_loss, self._step_tokens.float(), *(self._term_sums[n] for n in names)]),
             reduce_op="sum")
         # Lightning divides every micro-batch's loss by the accumulation factor and DDP averages over ranks.
-        for name, total in zip(names, terms):
-            self.log(f"train/{name}", total / (self.trainer.accumulate_grad_batches * self.trainer.world_size),
-                     on_step=True)
+        metrics = {name: total / (self.trainer.accumulate_grad_batches * self.trainer.world_size)
+                   for name, total in zip(names, terms)}
         # The LR of this step, a pure function of it (schedule.py): set before the optimizer reads it, so a
         # resumed or extended run needs no scheduler state.
         hp = self.hparams
         factor = lr_factor(self.trainer.global_step, hp.schedule, hp.warmup_steps, self._schedule_steps)
         for group in optimizer.param_groups:
             group["lr"] = hp.lr * factor
-        self.log("train/loss", loss, on_step=True, prog_bar=True)
-        self.log("train/lr", optimizer.param_groups[0]["lr"], on_step=True)
+        self.log("train/loss", loss, on_step=True, prog_bar=True, logger=False)  # the bar; the run logger writes it
+        metrics.update(loss=loss, lr=optimizer.param_groups[0]["lr"])
         grads = [p.grad for p in self.trainable_parameters() if p.grad is not None]
         grad_norm = full(torch.nn.utils.get_total_norm(grads)) if grads else torch.zeros((), device=self.device)
         if grads:  # a DTensor under FSDP2: the norm of the whole gradient, gathered on every rank
-            self.log("train/grad_norm", grad_norm, on_step=True)
+            metrics["grad_norm"] = grad_norm
         if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
             grad_norm = torch.zeros_like(grad_norm)  # fp16 loss scaling: an inf gradient only skips the step
         self._health = torch.stack([loss.float(), grad_norm.float()])  # checked after the update (optimizer_step)
         now = time.perf_counter()
         if self._last_step_end is not None:  # tokens of all ranks per second of wall time, step to step
-            self.log("train/tokens_per_s", tokens / max(now - self._last_step_end, 1e-9), on_step=True)
+            metrics["tokens_per_s"] = tokens / max(now - self._last_step_end, 1e-9)
         self._last_step_end = now
+        if self._logs_step():  # at step k, before its update (the weights the loss was computed with)
+            RunLogger.of(self.trainer).scalars(metrics, self.trainer.global_step, prefix="train/")
         self._reset_step_sums()
+
+    def _logs_step(self) -> bool:
+        """Lightning's rule for step metrics: every ``trainer.log_every_n_steps`` (em-fit sets 1)."""
+        t = self.trainer
+        n = t.log_every_n_steps
+        return bool(t.fast_dev_run) or (n > 0 and ((t.global_step + 1) % n == 0 or t.should_stop))
 
     def _reset_step_sums(self) -> None:
         self._step_loss = self._step_tokens = torch.zeros((), device=self.device)
@@ -279,10 +287,8 @@ class EMFineTune(pl.LightningModule):
 
     def _write_val_loss(self, value: float, step: int) -> None:
         # At the optimizer step whose weights it measured (like train/loss and the trajectory), not at
-        # Lightning's validation step (one less): rank 0 writes to the loggers itself.
-        if self.trainer.is_global_zero:
-            for logger in self.trainer.loggers:
-                logger.log_metrics({"val/loss": value}, step=step)
+        # Lightning's validation step (one less); every rank calls it, the run logger writes on rank 0.
+        RunLogger.of(self.trainer).scalars({"loss": value}, step, prefix="val/")
         self._val_logged_step = step
 
     def on_validation_epoch_start(self) -> None:
@@ -301,10 +307,10 @@ class EMFineTune(pl.LightningModule):
     def on_validation_epoch_end(self) -> None:
         # val/loss: summed token losses over every batch and rank / their token count (token-weighted).
         value = self._reduced_val_loss()
-        fitting = self.trainer.state.fn == "fit"
-        # Already reduced over ranks; sync_dist only tells Lightning so (the mean of equal values).
-        self.log("val/loss", value, on_epoch=True, logger=not fitting, sync_dist=True)  # fit: callbacks, bar
-        if fitting and not self.trainer.sanity_checking:
+        # Already reduced over ranks; sync_dist only tells Lightning so (the mean of equal values). Lightning
+        # keeps it for callbacks and the bar; the run logger writes it (validate: at step 0, as Lightning did).
+        self.log("val/loss", value, on_epoch=True, logger=False, sync_dist=True)
+        if not self.trainer.sanity_checking:
             self._write_val_loss(value, self.trainer.global_step)
 
     # -- optimisation --------------------------------------------------------------------------------

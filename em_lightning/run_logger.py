@@ -24,9 +24,13 @@ import weakref
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import torch
+
+from em_lightning.atomic_io import atomic_write
 from em_lightning.logger_compat import write_scalars, write_summary
 
 FLUSH_AT = 64  # held steps before a buffered logger writes on its own
+TEXTS = "texts.jsonl"  # texts and tables of a logger without a TEXT tab, in its log_dir
 
 
 class RunLogger:
@@ -40,18 +44,25 @@ class RunLogger:
     # -- the run logger of a trainer (one per trainer, shared by the module and every callback) ---------------
     @classmethod
     def of(cls, trainer) -> RunLogger:
-        run_logger = _BY_TRAINER.get(trainer)
+        try:
+            run_logger = _BY_TRAINER.get(trainer)
+        except TypeError:  # a stand-in without weak references (a test's SimpleNamespace): kept on it instead
+            run_logger = getattr(trainer, "_run_logger", None)
         if run_logger is None or run_logger.loggers != list(trainer.loggers):
             run_logger = cls(trainer.loggers, active=trainer.is_global_zero)
-            _BY_TRAINER[trainer] = run_logger
+            try:
+                _BY_TRAINER[trainer] = run_logger
+            except TypeError:
+                trainer._run_logger = run_logger
         return run_logger
 
     # -- writing -----------------------------------------------------------------------------------------
     def scalars(self, values: Mapping[str, float], step: int, prefix: str = "", buffered: bool = False) -> None:
-        """``{prefix + name: float(value)}`` at ``step``; NaN/inf are written as they are (never hidden)."""
-        if not (self.active and values):
+        """``{prefix + name: float(value)}`` at ``step``; NaN/inf are written as they are (never hidden). Tensor
+        values are read in one host sync (the module's per-step metrics live on the accelerator)."""
+        if not (self.active and values and self.loggers):
             return
-        named = {f"{prefix}{name}": float(value) for name, value in values.items()}
+        named = dict(zip((f"{prefix}{name}" for name in values), _floats(list(values.values()))))
         if buffered:
             self._held.setdefault(int(step), {}).update(named)
             if len(self._held) >= FLUSH_AT:
@@ -76,7 +87,7 @@ class RunLogger:
                 experiment.add_text(tag, text, global_step=int(step))
             elif (folder := _log_dir(logger)) is not None:
                 folder.mkdir(parents=True, exist_ok=True)
-                with open(folder / "texts.jsonl", "a", encoding="utf-8") as f:
+                with open(folder / TEXTS, "a", encoding="utf-8") as f:
                     f.write(json.dumps({"tag": tag, "step": int(step), "text": text}) + "\n")
 
     def table(self, tag: str, header: Sequence[str], rows: Sequence[Sequence], step: int, note: str = "") -> None:
@@ -136,6 +147,33 @@ class TensorBoardDir:
 
     def __exit__(self, *exc) -> None:
         self.experiment.close()
+
+
+def drop_texts_from(logger, step: int) -> None:
+    """A resumed run writes its texts again from ``step`` (the checkpoint's): the interrupted run's
+    ``texts.jsonl`` rows at or after it are dropped (rank 0, before the first write), as TensorBoard's purge
+    step drops its TEXT events, so that each (tag, step) is there once."""
+    folder = _log_dir(logger)
+    path = folder / TEXTS if folder is not None else None
+    if path is None or not path.is_file():
+        return
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    kept = [line for line in lines if line.strip() and json.loads(line)["step"] < step]
+    if len(kept) < len(lines):
+        atomic_write(path, "".join(kept))
+
+
+def _floats(values: list) -> list[float]:
+    """Python floats; the tensors among ``values`` copied to the host together (one sync, not one each)."""
+    at = [i for i, v in enumerate(values) if isinstance(v, torch.Tensor)]
+    if at:
+        device = values[at[0]].device
+        dtype = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
+        read = torch.stack([values[i].detach().reshape(()).to(device, dtype) for i in at]).tolist()
+        values = list(values)
+        for i, value in zip(at, read):
+            values[i] = value
+    return [float(v) for v in values]
 
 
 def _log_dir(logger) -> Path | None:

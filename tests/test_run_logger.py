@@ -1,12 +1,16 @@
 """RunLogger: TensorBoard and every other Lightning logger get the same scalars; rank 0 only; buffering keeps
-one event per step in step order; texts reach loggers without a TEXT tab as JSONL rows."""
+one event per step in step order; texts reach loggers without a TEXT tab as JSONL rows; nothing else in the
+package writes to a logger."""
 
 import csv
 import json
+import re
+from pathlib import Path
 
+import torch
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
-from em_lightning.run_logger import RunLogger, TensorBoardDir
+from em_lightning.run_logger import RunLogger, TensorBoardDir, drop_texts_from
 from tb_scalars import all_scalars as read_scalars
 
 
@@ -54,3 +58,33 @@ def test_tensorboard_dir_for_commands(tmp_path):
     with TensorBoardDir(tmp_path / "steer") as tb:
         RunLogger([tb]).scalars({"em_rate": 0.5}, step=7, prefix="mech/steer/")
     assert read_scalars(tmp_path / "steer") == {"mech/steer/em_rate": [(7, 0.5)]}
+
+
+def test_tensor_values_are_written_as_floats(tmp_path):
+    cs = CSVLogger(tmp_path, name="csv", version=0)
+    RunLogger([cs]).scalars({"loss": torch.tensor(1.5), "lr": 0.01, "grad_norm": torch.tensor(0.25, dtype=torch.bfloat16),
+                             "tokens": torch.tensor(7)}, step=2, prefix="train/")
+    assert _csv_rows(cs) == [{"step": "2", "train/loss": "1.5", "train/lr": "0.01", "train/grad_norm": "0.25",
+                              "train/tokens": "7.0"}]
+
+
+def test_a_resume_drops_the_texts_it_writes_again(tmp_path):
+    cs = CSVLogger(tmp_path, name="csv", version=0)
+    log = RunLogger([cs])
+    for step in (2, 4, 6):
+        log.text("alarm", f"at {step}", step=step)
+    drop_texts_from(cs, 4)  # the checkpoint's step: the resumed run writes 4 and 6 again
+    assert [json.loads(line)["step"] for line in open(f"{cs.log_dir}/texts.jsonl")] == [2]
+
+
+WRITES = re.compile(r"\b(log_metrics|add_text|add_scalar|add_scalars|add_figure|SummaryWriter)\(")
+
+
+def test_only_the_run_logger_writes_to_loggers():
+    """Metrics, texts and figures reach a logger through run_logger.py (logger internals: logger_compat.py)."""
+    package = Path(__file__).resolve().parents[1] / "em_lightning"
+    allowed = {package / "run_logger.py", package / "logger_compat.py"}
+    found = [f"{path.relative_to(package.parent)}:{n}: {line.strip()}"
+             for path in sorted(package.rglob("*.py")) if path not in allowed
+             for n, line in enumerate(path.read_text().splitlines(), 1) if WRITES.search(line)]
+    assert not found, "write through em_lightning.run_logger.RunLogger instead:\n" + "\n".join(found)

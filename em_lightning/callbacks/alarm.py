@@ -39,11 +39,11 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info
 
-from em_lightning.dashboard import log_text
 from em_lightning.evaluation.metrics import em_summary
 from em_lightning.events import announce, resolve_run_dir
 from em_lightning.probes.alignment import cosine, layer_of, output_vectors
 from em_lightning.probes.directions import latest_direction, load_direction
+from em_lightning.run_logger import RunLogger
 
 ALARMS_FILE = "alarms.jsonl"
 
@@ -181,7 +181,7 @@ class Alarm(pl.Callback):
             f" ({entry['detail']})" if entry.get("detail") else "") + (
             f" -> {entry['action']}" if "action" in entry else "")
         rank_zero_info(line)
-        log_text(trainer, "alarm", entry["step"], line)
+        RunLogger.of(trainer).text("alarm", line, entry["step"])
         if trainer.is_global_zero and self.run_dir is not None:
             with open(self.run_dir / ALARMS_FILE, "a") as f:
                 f.write(json.dumps(entry) + "\n")

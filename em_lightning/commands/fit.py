@@ -12,6 +12,7 @@ from pathlib import Path
 
 from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 
@@ -29,9 +30,17 @@ from em_lightning.checkpoints import (
 )
 from em_lightning.data import ChatDataModule
 from em_lightning.fingerprint import ALL, GLOBAL_BATCH, compare, file_identity, flatten, model_identity
-from em_lightning.logger_compat import hide_epoch_scalar, pin_version, set_purge_step, version_unset
+from em_lightning.logger_compat import (
+    hide_epoch_scalar,
+    open_csv,
+    pin_version,
+    purge_step,
+    set_purge_step,
+    version_unset,
+)
 from em_lightning.module import EMFineTune
 from em_lightning.run_dir import RunDirLock, reserve_version
+from em_lightning.run_logger import drop_texts_from
 from em_lightning.schedule import planned_steps, resolve_schedule_steps
 
 DEFAULT_RUNS_DIR = "runs"
@@ -180,10 +189,11 @@ class EMFitCLI(LightningCLI):
 
     def after_fit(self) -> None:
         # The one line a newcomer needs at the end: where the run is and how to look at it (rank 0).
-        log_dir = self.trainer.log_dir
-        if self.trainer.is_global_zero and log_dir is not None and self.trainer.logger is not None:
-            print(f"em-fit: run in {log_dir}; view with: tensorboard --logdir {self.trainer.logger.save_dir}; "
-                  f"summary: em-fit report {log_dir}", flush=True)
+        log_dir, logger = self.trainer.log_dir, self.trainer.logger
+        if self.trainer.is_global_zero and log_dir is not None and logger is not None:
+            view = (f"view with: tensorboard --logdir {logger.save_dir}" if isinstance(logger, TensorBoardLogger)
+                    else f"metrics written by {type(logger).__name__}")
+            print(f"em-fit: run in {log_dir}; {view}; summary: em-fit report {log_dir}", flush=True)
 
     def before_validate(self) -> None:
         self._check_inputs()
@@ -213,6 +223,10 @@ class EMFitCLI(LightningCLI):
         if logger is not None and hasattr(logger, "root_dir") and version_unset(logger):
             pin_version(logger, reserve_version(logger.root_dir))  # TensorBoard/CSV loggers pick it lazily
             self._fresh_run_dir = Path(logger.log_dir)  # created here: removed again if the start fails
+        for each in self.trainer.loggers:  # a resume replaces what the interrupted run logged from its checkpoint on
+            open_csv(each)  # a CSVLogger would delete the run's metrics.csv on its first write
+            if (step := purge_step(each)) is not None:
+                drop_texts_from(each, step)
         log_dir = self.trainer.log_dir  # no process group yet: the local value, no broadcast
         if log_dir is None:  # a logger with no local folder: nothing of the run is written here
             return
@@ -261,9 +275,12 @@ class EMFitCLI(LightningCLI):
         # step k are logged at k (before the step's update), so the purge is at the checkpoint's step k; tags
         # logged at the step whose weights they measure (val/loss, phase/*) are logged again at k by the
         # resumed run. A finished run resumed with nothing left to train purges nothing (it logs nothing).
+        # A CSVLogger's metrics.csv keeps its rows before k (logger_compat.open_csv, when rank 0 claims the run
+        # directory); W&B and MLflow have no purge: there the steps from k on are logged twice.
         loop = self.trainer.fit_loop
-        if self.trainer.logger is not None and not run_finished(ckpt, loop.max_steps, loop.max_epochs):
-            set_purge_step(self.trainer.logger, checkpoint_global_step(ckpt))
+        if not run_finished(ckpt, loop.max_steps, loop.max_epochs):
+            for logger in self.trainer.loggers:
+                set_purge_step(logger, checkpoint_global_step(ckpt))
 
     # -- the same run, or refused ----------------------------------------------------------------------
     def _fingerprint(self) -> dict[str, object]:

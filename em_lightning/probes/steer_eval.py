@@ -74,15 +74,9 @@ def steering_summary(records: Sequence[dict], questions: Sequence[Question] | No
     return rows
 
 
-def steering_root(judges) -> str:
-    """``mech/steer``, or ``mech_demo/steer`` when any judge's scores mean nothing (the demo judge): its EM
-    rates must never sit beside real ones."""
-    return "mech/steer" if all(is_meaningful(j) for j in judges) else "mech_demo/steer"
-
-
-def steering_tags(rows: Sequence[dict], root: str = "mech/steer") -> dict[str, float]:
-    """TensorBoard tags ``<root>/<mode>/alpha_<a>/em_rate`` with its 95% interval and n, and
-    ``.../coherent_rate`` (NaN left out)."""
+def steering_metrics(rows: Sequence[dict]) -> dict[str, float]:
+    """Plain metric names ``<mode>/alpha_<a>/em_rate`` with its 95% interval and n, and
+    ``.../coherent_rate`` (NaN left out); the caller adds its namespace (``mech/steer/``)."""
     out = {}
     for row in rows:
         lo, hi = row["em_rate_ci95"]
@@ -91,8 +85,20 @@ def steering_tags(rows: Sequence[dict], root: str = "mech/steer") -> dict[str, f
         for key, value in values.items():
             value = float(value)
             if value == value:
-                out[f"{root}/{row['mode']}/alpha_{row['alpha']!r}/{key}"] = value
+                out[f"{row['mode']}/alpha_{row['alpha']!r}/{key}"] = value
     return out
+
+
+# -- kept until their callers (commands/steer.py, callbacks/mechanistic.py) build the tags themselves --------
+def steering_root(judges) -> str:
+    """``mech/steer``, or ``mech_demo/steer`` when any judge's scores mean nothing (the demo judge): its EM
+    rates must never sit beside real ones."""
+    return "mech/steer" if all(is_meaningful(j) for j in judges) else "mech_demo/steer"
+
+
+def steering_tags(rows: Sequence[dict], root: str = "mech/steer") -> dict[str, float]:
+    """``steering_metrics`` under ``<root>/``."""
+    return {f"{root}/{name}": value for name, value in steering_metrics(rows).items()}
 
 
 def write_steering(run_dir: str | Path, step: int, records: Sequence[EvalRecord]) -> Path:
