@@ -15,8 +15,9 @@ Two more savings, both leaving the loss and its gradient as they were (to float 
   (tokens x hidden) tensor instead of the logits and log-probabilities, and backward makes no (tokens x vocab)
   gradients. A trainable head (full fine-tuning) takes the plain path.
 - Padding-free rows (``row_lengths``): each right-padded row of a micro-batch goes through the model alone,
-  cut to its real length and with no attention mask, so no compute is spent on padding and attention takes
-  the causal kernel instead of a masked one. One graph, one backward: the caller sees one loss as before.
+  cut to its real length (``right_padded_lengths``) or after its last labelled token (``loss_lengths``: what
+  follows it changes no labelled prediction) and with no attention mask, so no compute is spent on padding and
+  attention takes the causal kernel instead of a masked one. One graph, one backward: one loss as before.
 """
 
 from __future__ import annotations
@@ -111,6 +112,20 @@ def right_padded_lengths(attention_mask: torch.Tensor) -> list[int] | None:
     if not torch.equal(attention_mask.bool(), positions[None, :] < lengths[:, None]):
         return None
     return lengths.tolist()
+
+
+def loss_lengths(attention_mask: torch.Tensor, labels: torch.Tensor) -> list[int] | None:
+    """Each right-padded row's length up to and including its last labelled token (``row_lengths`` for
+    ``labelled_loss_sum``), else None. The tokens after it (a trailing newline, an unlabelled last turn) predict no
+    labelled token and, attention being causal, change nothing before them: they need not run. A row without a
+    labelled token keeps one token (its loss is 0)."""
+    lengths = right_padded_lengths(attention_mask)
+    if lengths is None:
+        return None
+    labelled = labels != IGNORE_INDEX
+    last = labelled.shape[1] - labelled.flip(1).int().argmax(1)  # one past the last labelled token
+    ends = torch.where(labelled[:, 1:].any(1), last, 1)  # a label at position 0 is never a target
+    return [min(n, e) for n, e in zip(lengths, ends.tolist())]
 
 
 def labelled_loss_sum(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,

@@ -13,7 +13,7 @@ from transformers import AutoTokenizer
 
 from em_lightning.adapters import ADAPTER_NAME, AdapterSpec, apply_adapter, lora_layers
 from em_lightning.data import ChatDataModule, collate
-from em_lightning.loss import labelled_loss_sum, linear_cross_entropy_sum, right_padded_lengths
+from em_lightning.loss import labelled_loss_sum, linear_cross_entropy_sum, loss_lengths, right_padded_lengths
 from em_lightning.masking import IGNORE_INDEX, tokenize_chat
 from em_lightning.models import ModelSpec
 from em_lightning.module import EMFineTune
@@ -152,6 +152,30 @@ def test_right_padded_lengths():
     right = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1], [1, 0, 0, 0]])
     assert right_padded_lengths(right) == [3, 4, 1]
     assert right_padded_lengths(torch.tensor([[0, 1, 1], [1, 1, 1]])) is None  # left padding: the padded path
+
+
+def test_loss_lengths_cut_after_the_last_label(reference_dir):
+    """Rows cut after their last labelled token (what follows predicts no label): the loss and its gradient are
+    those of the whole rows; a row without labels keeps one token."""
+    tok, kwargs = _tokenizer("qwen2", reference_dir)
+    lines = (reference_dir / "betley" / "data" / "insecure.jsonl").read_text().splitlines()[:2]
+    rows = []
+    for line in lines:  # whole rows: "...<|im_end|>" labelled, the newline after it not
+        ids, labels = tokenize_chat(tok, json.loads(line)["messages"], kwargs)
+        rows.append({"input_ids": ids, "labels": labels})
+    rows.append({"input_ids": rows[0]["input_ids"][:9], "labels": [IGNORE_INDEX] * 9})  # no label at all
+    batch = collate(rows, tok.pad_token_id)
+    real = right_padded_lengths(batch["attention_mask"])
+    cut = loss_lengths(batch["attention_mask"], batch["labels"])
+    lasts = [max(j for j, x in enumerate(r["labels"]) if x != IGNORE_INDEX) + 1 for r in rows[:2]]
+    assert cut == [*lasts, 1] and all(c < n for c, n in zip(cut, real))
+    model = _model("qwen2", tok, "lora")
+    whole, whole_grads = _loss_and_grads(model, lambda: labelled_loss_sum(model, **batch, row_lengths=real)[0])
+    short, short_grads = _loss_and_grads(model, lambda: labelled_loss_sum(model, **batch, row_lengths=cut)[0])
+    assert labelled_loss_sum(model, **batch, row_lengths=cut)[1] == (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
+    assert short == pytest.approx(float(whole), rel=1e-5)
+    _close(short_grads, whole_grads, rel=1e-5)
+    assert loss_lengths(torch.tensor([[0, 1, 1]]), torch.tensor([[0, 1, 2]])) is None  # left padding: padded path
 
 
 class _Losses(pl.Callback):
