@@ -21,6 +21,12 @@ def metrics_root(meaningful: bool) -> str:
     return "eval" if meaningful else "eval_demo"
 
 
+def steering_root(meaningful: bool) -> str:
+    """``mech/steer`` (steered and ablated EM rates: MechanisticProbes, ``em-fit steer``), or ``mech_demo/steer``
+    when the judges' scores mean nothing (``judges.factory.Judging.primary_meaningful``)."""
+    return "mech/steer" if meaningful else "mech_demo/steer"
+
+
 def scale_prefix(scale: float, root: str = "eval") -> str:
     """Tag prefix: ``eval/`` for scale 1, ``eval/scale_2.0/`` for the others."""
     return f"{root}/" if float(scale) == 1.0 else f"{root}/scale_{float(scale)!r}/"

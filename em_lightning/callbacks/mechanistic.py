@@ -37,6 +37,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from em_lightning.evaluation.judging import judge_records
 from em_lightning.evaluation.records import EvalRecord
+from em_lightning.eval_tags import steering_root
 from em_lightning.events import EvaluationSource, resolve_run_dir
 from em_lightning.judges.factory import Judging
 from em_lightning.probes.activations import collect, layer_count
@@ -56,9 +57,8 @@ from em_lightning.probes.lora_scalar import rank1_modules, separation
 from em_lightning.probes.steer_eval import (
     default_layers,
     steered_records,
-    steering_root,
+    steering_metrics,
     steering_summary,
-    steering_tags,
     write_steering,
 )
 from em_lightning.probes.weights import snapshot_trainable, swapped_in
@@ -261,4 +261,6 @@ class MechanisticProbes(Callback):
         judge_records(records, source.questions, judges, self.judging.spec.judge_prompts)
         if trainer.is_global_zero:
             write_steering(self.run_dir, step, records)
-        return steering_tags(steering_summary(records, source.questions), root=steering_root(judges.values()))
+        metrics = steering_metrics(steering_summary(records, source.questions))
+        root = steering_root(self.judging.primary_meaningful)  # this callback owns mech/: it adds the prefix
+        return {f"{root}/{name}": value for name, value in metrics.items()}

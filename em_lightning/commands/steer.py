@@ -31,6 +31,7 @@ import torch
 
 from em_lightning.commands import help_parser
 from em_lightning.evaluation.judging import judge_prompt_names, judge_records
+from em_lightning.eval_tags import steering_root
 from em_lightning.evaluation.sampling import SamplingConfig
 from em_lightning.judges.factory import Judging, build_judges
 from em_lightning.judges.spec import load_judge_spec
@@ -40,9 +41,8 @@ from em_lightning.probes.steer_eval import (
     STEERING,
     default_layers,
     steered_records,
-    steering_root,
+    steering_metrics,
     steering_summary,
-    steering_tags,
     write_steering,
 )
 from em_lightning.questions import load_questions
@@ -141,7 +141,7 @@ def main(argv: list[str]) -> None:
     path = write_steering(args.run, args.step, records)
     rows = steering_summary(records, questions)
     print(f"{what}: {mode} with the direction of step {d_step} at layers {layers}: {len(records)} answers -> {path}")
-    root = steering_root(judges.values()) if judges is not None else "mech/steer"
+    root = steering_root(judging is None or judging.primary_meaningful)
     if root.startswith("mech_demo"):
         print("  DEMO judge: its scores mean nothing (plumbing only); tags under mech_demo/steer/")
     for row in rows:
@@ -151,4 +151,4 @@ def main(argv: list[str]) -> None:
               f"aligned_mean {row['aligned_mean']:.1f}  ({row['n_scored']} scored of {row['n_total']})")
     if judges is not None:
         with TensorBoardDir(args.run / STEERING) as tensorboard:
-            RunLogger([tensorboard]).scalars(steering_tags(rows, root=root), args.step)
+            RunLogger([tensorboard]).scalars(steering_metrics(rows), args.step, prefix=f"{root}/")

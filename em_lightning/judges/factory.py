@@ -58,6 +58,11 @@ class Judging:
     def primary(self) -> str:
         return self.spec.primary_name
 
+    @property
+    def primary_meaningful(self) -> bool:
+        """Whether the judges scoring each prompt (the panel aside) give meaningful scores: what steering uses."""
+        return all(is_meaningful(j) for j in self.by_prompt.values())
+
 
 def build_judges(spec: JudgeSpec, names: Sequence[str], cache_dir: str | Path) -> Judging:
     """The judges of ``spec`` for the judge prompts ``names``, each distinct judge wrapped once in the
