@@ -52,8 +52,10 @@ def test_build_judges_without_cache_or_with_its_own_path(tmp_path):
 def test_a_demo_judge_anywhere_makes_the_numbers_not_meaningful(tmp_path):
     real, demo = FixedJudge("real"), FixedJudge("demo", meaningful=False)
     assert not build_judges(JudgeSpec(demo, cache=False), ["aligned"], tmp_path).meaningful
-    assert not build_judges(JudgeSpec(real, panel={"d": demo}, cache=False), ["aligned"], tmp_path).meaningful
-    assert not build_judges(JudgeSpec(real, judges={"aligned": demo}, cache=False), ["aligned"], tmp_path).meaningful
+    with_demo_panel = build_judges(JudgeSpec(real, panel={"d": demo}, cache=False), ["aligned"], tmp_path)
+    assert not with_demo_panel.meaningful and with_demo_panel.primary_meaningful  # steering: only the primary
+    per_prompt = build_judges(JudgeSpec(real, judges={"aligned": demo}, cache=False), ["aligned"], tmp_path)
+    assert not per_prompt.meaningful and not per_prompt.primary_meaningful
 
 
 def test_missing_keys_and_bad_specs_are_one_line(tmp_path, monkeypatch):
