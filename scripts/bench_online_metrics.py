@@ -22,6 +22,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -46,15 +47,26 @@ def former_online(commit: str, folder: Path):
 
 
 def same(a, b) -> bool:
-    """Equal metrics to float rounding (the former code computed per module, the current one stacked)."""
+    """Equal metrics to float rounding (the former code computed per module, the current one stacked). Names
+    are compared without the ``phase/`` root, which the former code added itself."""
     def close(x, y):
         return math.isclose(x, y, rel_tol=1e-9, abs_tol=1e-9)
+
+    a, b = _plain(a), _plain(b)
 
     return (a.now.keys() == b.now.keys() and all(close(a.now[k], b.now[k]) for k in a.now)
             and a.lagged.keys() == b.lagged.keys()
             and all(a.lagged[s].keys() == b.lagged[s].keys() and all(close(a.lagged[s][k], b.lagged[s][k])
                                                                       for k in a.lagged[s]) for s in a.lagged)
             and [(n, e.step) for n, e in a.events] == [(n, e.step) for n, e in b.events])
+
+
+def _plain(point):
+    def names(values: dict) -> dict:
+        return {k.removeprefix("phase/"): v for k, v in values.items()}
+
+    return SimpleNamespace(now=names(point.now), lagged={s: names(v) for s, v in point.lagged.items()},
+                           events=point.events)
 
 
 def time_per_point(former_cls, modules: int, size: int, points: int) -> dict[str, tuple[float, float]]:

@@ -177,11 +177,18 @@ class FakeLogger:
         self.metrics.append((step, dict(metrics)))
 
 
+class FakeTrainer:
+    """What ``_process`` reads of a trainer; hashable and weakly referable, as RunLogger.of keys on the trainer."""
+
+    def __init__(self, **fields):
+        self.__dict__.update(fields)
+
+
 @pytest.mark.parametrize("rank_zero", [True, False])
 def test_detector_event_reaches_subscribers(rank_zero):
     # A straight path along x that turns 90 degrees at step 10 onto y.
     cb, sub, logger = AdapterTrajectory(k_values=(3,), detector_k=3, detector_min_snr=1.5), Subscriber(), FakeLogger()
-    trainer = SimpleNamespace(is_global_zero=rank_zero, loggers=[logger], callbacks=[cb, sub])
+    trainer = FakeTrainer(is_global_zero=rank_zero, loggers=[logger], callbacks=[cb, sub])
     for step in range(20):
         b = torch.tensor([min(step, 10.0), max(step - 10.0, 0.0), 0.0])
         cb._process(trainer, None, step, {"m": (torch.ones(2), b)})

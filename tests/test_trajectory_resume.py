@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 
 import lightning.pytorch as pl
 import pytest
@@ -46,6 +47,14 @@ class Crash(pl.Callback):
             raise RuntimeError("crash")
 
 
+def next_second():
+    """Wait for the clock's next whole second. TensorBoard reads a folder's event files in name order, and a
+    name is the creation time in whole seconds, the pid, then a per-process counter compared as text: a
+    resumed run's file made in the same second as the first run's, with counter 10 after 9, would be read
+    first and its purge would miss the old values (a flake seen when this file ran after another one)."""
+    time.sleep(1.0 - time.time() % 1.0)
+
+
 def fit(root, max_steps, ckpt_path=None, crash_at=None, train_file=None, max_epochs=None):
     pl.seed_everything(0)
     module = EMFineTune(base=BASE, adapter=AdapterSpec(r=1, alpha=8, layers=[1]), lr=0.05, warmup_steps=0,
@@ -53,6 +62,8 @@ def fit(root, max_steps, ckpt_path=None, crash_at=None, train_file=None, max_epo
     train_file = train_file or REPO / "configs" / "data" / "unit_conversions.jsonl"
     data = ChatDataModule(train_files=[str(train_file)], batch_size=4, max_length=256, base=BASE, val_fraction=0.0)
     purge = {} if ckpt_path is None else {"purge_step": torch.load(ckpt_path, weights_only=False)["global_step"]}
+    if ckpt_path is not None:
+        next_second()
     callbacks = [AdapterTrajectory(k_values=(2, 3), detector_k=2, detector_min_snr=1.0, detector_baseline=2,
                                    detector_min_z=0.1, detector_min_rise=0.01), StepCheckpoint(every_n_train_steps=4)]
     trainer = pl.Trainer(

@@ -35,22 +35,18 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
 from em_lightning.adapters import ADAPTER_NAME, lora_layers
-from em_lightning.dashboard import (
-    ScalarBuffer,
-    log_scalars,
-    log_text,
-    no_transition_text,
-    phase_transition_layout,
-    write_layout,
-)
+from em_lightning.dashboard import layout_summary, no_transition_text, phase_transition_layout
 from em_lightning.events import announce, resolve_run_dir
 from em_lightning.logger_compat import purge_step
 from em_lightning.phase import TransitionDetector, TransitionEvent, lora_direction
 from em_lightning.phase.online import OnlineTrajectory
 from em_lightning.phase.store import TrajectoryWriter
+from em_lightning.run_logger import RunLogger
 from em_lightning.sharding import full, is_sharded
 
 _UNSUPPORTED = {"FSDPStrategy", "DeepSpeedStrategy"}  # FSDP1 / DeepSpeed: parameters flattened per unit
+PREFIX = "phase/"  # this callback's namespace: phase/online.py returns plain <module>/<metric> names
+TRANSITIONS = "phase/transitions"  # the TEXT tag listing detected turns
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,9 +88,8 @@ class AdapterTrajectory(pl.Callback):
         TransitionDetector(**self.detector_args)  # invalid settings fail at construction, not at step 1
         self.log_grad_norms, self.fsync = log_grad_norms, fsync
         self._dir = None
-        self._lora: list = []  # (name, LoRA layer), found once: walking the model each step is not free
+        self._factors: list = []  # (name, A weight, B weight), found once: walking the model each step is not free
         self._writer: TrajectoryWriter | None = None
-        self._scalars = ScalarBuffer()  # written in bursts: see dashboard.py
         self._quiet = False  # True while a run started in this process has detected no transition
         self._held: list[tuple[int, dict[str, float], list[str]]] = []  # (step, scalars, texts) before _ckpt_step
         self._ckpt_step: int | None = None  # step of the newest checkpoint (saved, or resumed from)
@@ -137,8 +132,8 @@ class AdapterTrajectory(pl.Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         step = self._seen_step = trainer.global_step  # restored from the checkpoint by now
         self._ckpt_step = step if self._restored else None
-        self._lora = list(lora_layers(pl_module.model))
-        if not self._lora:
+        self._factors = self._find_factors(pl_module)
+        if not self._factors:
             rank_zero_warn("AdapterTrajectory: the model has no LoRA adapter; nothing is recorded")
             self._dir = None
             return
@@ -150,10 +145,10 @@ class AdapterTrajectory(pl.Callback):
             # Resume: records the killed run wrote after its checkpoint are dropped and re-recorded.
             # Otherwise keep only records before this fit's first point (a fresh run: none).
             self._writer.truncate_after(step if self._restored else step - 1)
-            write_layout(trainer, phase_transition_layout(self.k_values))
+            RunLogger.of(trainer).summary(layout_summary(phase_transition_layout(self.k_values)))
             if not self._restored:  # the TEXT tab says "none so far" instead of showing nothing
                 self._quiet = True
-                log_text(trainer, "phase/transitions", step, no_transition_text(step, final=False))
+                RunLogger.of(trainer).text(TRANSITIONS, no_transition_text(step, final=False), step)
             if self._restored:
                 self._check_continuity(step)
         self._relog_checkpoint_point(trainer)
@@ -163,9 +158,8 @@ class AdapterTrajectory(pl.Callback):
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
         if not (self.log_grad_norms and self._dir):
             return
-        grads = [(f"phase/{name}/{kind}_grad_norm", p.grad) for name, m in self._lora
-                 for kind, p in (("A", m.lora_A[ADAPTER_NAME].weight), ("B", m.lora_B[ADAPTER_NAME].weight))
-                 if p.grad is not None]
+        grads = [(f"{name}/{kind}_grad_norm", p.grad) for name, a, b in self._factors
+                 for kind, p in (("A", a), ("B", b)) if p.grad is not None]
         if grads and (trainer.is_global_zero or is_sharded(pl_module.model)):
             # DDP: every rank holds the all-reduced gradients, rank 0 reads them. FSDP2: shards, gathered
             # on every rank (collective). One device->host copy of every (tiny) gradient, norms in numpy.
@@ -194,7 +188,7 @@ class AdapterTrajectory(pl.Callback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._flush(trainer, held=True)
         if self._quiet and trainer.is_global_zero:  # a whole run (not resumed) without a detected turn
-            log_text(trainer, "phase/transitions", trainer.global_step, no_transition_text(trainer.global_step, True))
+            RunLogger.of(trainer).text(TRANSITIONS, no_transition_text(trainer.global_step, True), trainer.global_step)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._relog_checkpoint_point(trainer)  # a resume with nothing left to train has no on_train_start
@@ -218,7 +212,7 @@ class AdapterTrajectory(pl.Callback):
             return
         self._relogged = True
         if any(purge_step(logger) is not None and purge_step(logger) <= step for logger in trainer.loggers):
-            log_scalars(trainer, now, step)
+            RunLogger.of(trainer).scalars(now, step, prefix=PREFIX)
 
     def _check_continuity(self, step: int) -> None:
         """After a resume the files must end at the checkpoint's last point; say loudly what is missing."""
@@ -235,24 +229,26 @@ class AdapterTrajectory(pl.Callback):
         rank_zero_warn(reason)
 
     def _add(self, trainer: pl.Trainer, metrics: dict[str, float], step: int, texts: list[str] = ()) -> None:
-        """Scalars (and phase/transitions lines) of ``step``: held back when the step lies before the newest
-        checkpoint (see the module doc), else buffered."""
+        """Scalars (plain names, logged under ``phase/``) and phase/transitions lines of ``step``: held back when
+        the step lies before the newest checkpoint (see the module doc), else buffered by the run logger."""
         if self._ckpt_step is not None and step < self._ckpt_step:
             if trainer.is_global_zero:
                 self._held.append((step, metrics, list(texts)))
             return
-        self._scalars.add(trainer, metrics, step)
+        self._write(trainer, metrics, step, texts)
+
+    def _write(self, trainer: pl.Trainer, metrics: dict[str, float], step: int, texts: list[str]) -> None:
+        run_logger = RunLogger.of(trainer)
+        run_logger.scalars(metrics, step, prefix=PREFIX, buffered=True)
         for text in texts:
-            log_text(trainer, "phase/transitions", step, text)
+            run_logger.text(TRANSITIONS, text, step)
 
     def _flush(self, trainer: pl.Trainer, held: bool = False) -> None:
         if held:
             for step, metrics, texts in self._held:
-                self._scalars.add(trainer, metrics, step)
-                for text in texts:
-                    log_text(trainer, "phase/transitions", step, text)
+                self._write(trainer, metrics, step, texts)
             self._held = []
-        self._scalars.flush(trainer)
+        RunLogger.of(trainer).flush()
 
     # -- recording ---------------------------------------------------------------------------------------
     def _meta(self, pl_module: pl.LightningModule) -> dict:
@@ -270,10 +266,14 @@ class AdapterTrajectory(pl.Callback):
             "peft_config": json.loads(json.dumps({**config.to_dict(), "inference_mode": True}, default=sorted)),
         }
 
+    @staticmethod
+    def _find_factors(pl_module: pl.LightningModule) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+        return [(n, m.lora_A[ADAPTER_NAME].weight, m.lora_B[ADAPTER_NAME].weight)
+                for n, m in lora_layers(pl_module.model)]
+
     def _vectors(self, pl_module: pl.LightningModule) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         """{module: (a, b)} as float32 numpy vectors; rank > 1: (v, s * u) of the top singular direction."""
-        lora = self._lora or list(lora_layers(pl_module.model))
-        factors = [(n, m.lora_A[ADAPTER_NAME].weight, m.lora_B[ADAPTER_NAME].weight) for n, m in lora]
+        factors = self._factors or self._find_factors(pl_module)
         # One device->host copy for every module, then numpy views: torch calls cost most at this size.
         flat = torch.cat([full(t.detach()).reshape(-1) for _, a, b in factors for t in (a, b)]).float().cpu().numpy()
         out, i = {}, 0
@@ -302,11 +302,11 @@ class AdapterTrajectory(pl.Callback):
         for at in sorted(point.lagged):  # per tag, steps still arrive in increasing order
             self._add(trainer, point.lagged[at], at)
         for event in events:
-            self._add(trainer, {f"phase/{event.module}/transition_step": float(event.step)}, event.step,
+            self._add(trainer, {f"{event.module}/transition_step": float(event.step)}, event.step,
                       [f"{event.module}: turn at step {event.step} (local cosine {event.local_cosine:.3f} at "
                        f"k={event.k}), detected at step {event.detected_step}"])
         if events:
-            self._scalars.flush(trainer)
+            RunLogger.of(trainer).flush()
             self._quiet = False
         for event in events:
             announce(trainer, "on_phase_transition", pl_module, event)
