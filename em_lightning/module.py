@@ -209,15 +209,16 @@ class EMFineTune(pl.LightningModule):
         if self._last_step_end is not None:  # tokens of all ranks per second of wall time, step to step
             metrics["tokens_per_s"] = tokens / max(now - self._last_step_end, 1e-9)
         self._last_step_end = now
-        if self._logs_step():  # at step k, before its update (the weights the loss was computed with)
-            RunLogger.of(self.trainer).scalars(metrics, self.trainer.global_step, prefix="train/")
+        # Written at step k (the weights the loss was computed with) once the update is known to be finite
+        # (optimizer_step): a diverged step writes nothing.
+        self._step_metrics = (self.trainer.global_step, metrics)
         self._reset_step_sums()
 
-    def _logs_step(self) -> bool:
+    def _logs_step(self, step: int) -> bool:
         """Lightning's rule for step metrics: every ``trainer.log_every_n_steps`` (em-fit sets 1)."""
         t = self.trainer
         n = t.log_every_n_steps
-        return bool(t.fast_dev_run) or (n > 0 and ((t.global_step + 1) % n == 0 or t.should_stop))
+        return bool(t.fast_dev_run) or (n > 0 and ((step + 1) % n == 0 or t.should_stop))
 
     def _reset_step_sums(self) -> None:
         self._step_loss = self._step_tokens = torch.zeros((), device=self.device)
@@ -226,6 +227,9 @@ class EMFineTune(pl.LightningModule):
     def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
         self._stop_if_non_finite()
+        step, metrics = self._step_metrics
+        if self._logs_step(step):
+            RunLogger.of(self.trainer).scalars(metrics, step, prefix="train/")
 
     def _stop_if_non_finite(self) -> None:
         """Stop at the first optimizer step whose loss, gradient norm or updated weights are not finite, before
