@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
-from jsonargparse import ArgumentParser
 
 from em_lightning.judges.base import Judge
 from em_lightning.run_config import find_callback
@@ -85,6 +84,8 @@ def load_judge_spec(path: str | Path, flag: str = "--judge-config") -> JudgeSpec
     if not isinstance(args, dict):
         raise ValueError(f"{flag} {path}: expected a mapping of judge settings (judge: {{class_path, init_args}})")
     args = {k: v for k, v in args.items() if k not in IN_LOOP_ONLY}
+    from jsonargparse import ArgumentParser  # deferred: not on a stock GPU image; only commands read these files
+
     parser = ArgumentParser(exit_on_error=False)
     parser.add_class_arguments(JudgeSpec, "spec")
     try:
