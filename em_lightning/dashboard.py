@@ -1,5 +1,6 @@
-"""TensorBoard helpers: the custom-scalars layout (one "Phase transition" page with every curve that matters
-side by side) and cheap ways to write many scalars.
+"""TensorBoard's custom-scalars layout: one "Phase transition" page with every curve that matters side by
+side (written through ``RunLogger.summary(layout_summary(...))``), and the text shown while no transition is
+detected.
 
 Chart entries are regexes that TensorBoard's custom-scalars plugin applies with ``re.match`` (anchored at
 the start only), so each ends in ``$``; ``.*`` stands for the module name in ``phase/<module>/...``. The
@@ -10,14 +11,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import lightning.pytorch as pl
-
 from tensorboard.compat.proto.summary_pb2 import Summary, SummaryMetadata
 from tensorboard.compat.proto.tensor_pb2 import TensorProto
 from tensorboard.compat.proto.tensor_shape_pb2 import TensorShapeProto
 from tensorboard.plugins.custom_scalar import layout_pb2
-
-from em_lightning.logger_compat import write_scalars, write_summary
 
 CATEGORY = "Phase transition"
 EVAL_TAGS = ("em_rate", "coherent_rate", "aligned_mean")  # under eval/ (eval_demo/ for the demo judge)
@@ -79,52 +76,3 @@ def no_transition_text(step: int, final: bool) -> str:
     shows an empty chart without a word."""
     return (f"No transition detected in steps 0..{step}." if final
             else f"No transition detected so far (step {step}); detected turns are listed here as they happen.")
-
-
-def write_layout(trainer: pl.Trainer, layout: dict) -> None:
-    """Add the layout to every TensorBoard logger (rank 0 only: other ranks have no writer)."""
-    if not trainer.is_global_zero:
-        return
-    for logger in trainer.loggers:
-        write_summary(logger, layout_summary(layout))
-
-
-def log_scalars(trainer: pl.Trainer, metrics: dict[str, float], step: int) -> None:
-    """Log on every logger (rank 0 only), all values of a TensorBoard logger in one event."""
-    if not (trainer.is_global_zero and metrics):
-        return
-    for logger in trainer.loggers:
-        write_scalars(logger, metrics, step)
-
-
-def log_text(trainer: pl.Trainer, tag: str, step: int, text: str) -> None:
-    """Text on every logger that has TensorBoard's ``add_text`` (rank 0 only)."""
-    if trainer.is_global_zero:
-        for logger in trainer.loggers:
-            if hasattr(getattr(logger, "experiment", None), "add_text"):
-                logger.experiment.add_text(tag, text, global_step=step)
-
-
-class ScalarBuffer:
-    """Scalars of many steps, logged in bursts (rank 0 only): right after a training step every small call
-    is several times slower than in a hot loop, and ~5 TensorBoard writes per step were half of
-    AdapterTrajectory's cost. TensorBoard itself flushes to disk only every 120 s, so the delay is not
-    visible; flush at checkpoints (a resumed run re-logs only later steps) and at the end."""
-
-    def __init__(self, flush_at: int = 64):
-        self.flush_at = flush_at
-        self.pending: list[tuple[int, dict[str, float]]] = []
-
-    def add(self, trainer: pl.Trainer, metrics: dict[str, float], step: int) -> None:
-        if trainer.is_global_zero and metrics:
-            self.pending.append((step, metrics))
-            if len(self.pending) >= self.flush_at:
-                self.flush(trainer)
-
-    def flush(self, trainer: pl.Trainer) -> None:
-        merged: dict[int, dict[str, float]] = {}
-        for step, metrics in self.pending:  # one event per step; per tag, steps stay increasing
-            merged.setdefault(step, {}).update(metrics)
-        self.pending.clear()
-        for step in sorted(merged):
-            log_scalars(trainer, merged[step], step)

@@ -8,7 +8,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "em_lightning"
 LIGHTNING_LAYER = {"module", "data", "strategies", "callbacks", "events", "dashboard", "logger_compat", "eval_logging",
-                   "eval_tags", "model_source"}
+                   "eval_tags", "model_source", "run_logger"}
 LIBRARY_RANK = {"judges": 3.0, "phase": 3.0, "evaluation": 3.1, "probes": 3.2, "report": 3.2, "sweep": 3.3,
                 "defenses": 3.3}
 

@@ -20,7 +20,6 @@ from em_lightning.evaluation.metrics import em_summary
 from em_lightning.evaluation.records import SCORED_TYPE, EvalRecord, point_path, read_jsonl, read_records, write_point
 from em_lightning.evaluation.runner import sample_records
 from em_lightning.evaluation.sampling import SamplingConfig
-from em_lightning.judges.base import is_meaningful
 from em_lightning.probes.alignment import layer_of, writes_residual
 from em_lightning.probes.directions import Direction
 from em_lightning.probes.steering import MODES, intervene
@@ -87,18 +86,6 @@ def steering_metrics(rows: Sequence[dict]) -> dict[str, float]:
             if value == value:
                 out[f"{row['mode']}/alpha_{row['alpha']!r}/{key}"] = value
     return out
-
-
-# -- kept until their callers (commands/steer.py, callbacks/mechanistic.py) build the tags themselves --------
-def steering_root(judges) -> str:
-    """``mech/steer``, or ``mech_demo/steer`` when any judge's scores mean nothing (the demo judge): its EM
-    rates must never sit beside real ones."""
-    return "mech/steer" if all(is_meaningful(j) for j in judges) else "mech_demo/steer"
-
-
-def steering_tags(rows: Sequence[dict], root: str = "mech/steer") -> dict[str, float]:
-    """``steering_metrics`` under ``<root>/``."""
-    return {f"{root}/{name}": value for name, value in steering_metrics(rows).items()}
 
 
 def write_steering(run_dir: str | Path, step: int, records: Sequence[EvalRecord]) -> Path:
