@@ -30,6 +30,7 @@ from em_lightning.phase import (
     pca_2d,
 )
 from em_lightning.phase.store import read_trajectory
+from em_lightning.run_config import RunConfig
 
 __all__ = ["ModuleAnalysis", "RunReport", "analyse_run", "read_scalars"]
 
@@ -105,17 +106,11 @@ def live_transitions(scalars: dict[str, tuple[list[int], list[float]]]) -> dict[
 
 def _callback_settings(run_dir: Path) -> dict:
     """The AdapterTrajectory callback's detector settings from the run's config.yaml, if it has one."""
-
     try:
-        config = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
-        callbacks = (config.get("trainer") or {}).get("callbacks") or []
-    except (OSError, yaml.YAMLError, AttributeError):
+        args = RunConfig(run_dir).callback_args("AdapterTrajectory") or {}
+    except (ValueError, OSError, yaml.YAMLError):  # no (readable) config.yaml: the defaults apply
         return {}
-    for cb in callbacks if isinstance(callbacks, list) else []:
-        if isinstance(cb, dict) and str(cb.get("class_path", "")).endswith("AdapterTrajectory"):
-            args = cb.get("init_args") or {}
-            return {key: args[f"detector_{key}"] for key in DETECTOR_KEYS if f"detector_{key}" in args}
-    return {}
+    return {key: args[f"detector_{key}"] for key in DETECTOR_KEYS if f"detector_{key}" in args}
 
 
 def _detector_settings(meta: dict, run_dir: Path, k: int | None) -> dict:
