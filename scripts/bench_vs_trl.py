@@ -89,7 +89,8 @@ _SMOLLM2_MARKED = (
 )
 JOBS = {
     "tiny": dict(layer=2, max_length=2048, template=_TINY_MARKED,
-                 title="tiny Qwen2 (hidden 256, 4 layers, intermediate 704, vocab 32000, tied)", trl_plain="trl-padfree"),
+                 title="tiny Qwen2 (hidden 256, 4 layers, intermediate 704, vocab 32000, tied)",
+                 trl_plain="trl-padfree-nocast"),
     "smollm2": dict(layer=15, max_length=512, template=_SMOLLM2_MARKED,
                     title="SmolLM2-135M-Instruct (GGUF Q4_1 -> fp32, 30 layers, hidden 576, vocab 49152)",
                     trl_plain="trl-padded"),
@@ -290,8 +291,16 @@ def trl_config(job: str, path: str) -> dict:
 
 
 def trl_variants(job: str) -> list[str]:
-    """The plain-loss configurations other than trl-plain (autocast changes nothing in fp32)."""
-    return [p for p in TRL_PLAIN if p != JOBS[job]["trl_plain"] and (DTYPE == "bfloat16" or "nocast" not in p)]
+    """The plain-loss configurations other than trl-plain's, each once (autocast changes nothing in fp32)."""
+    def effect(path):
+        return TRL_PLAIN[path]["padding_free"], TRL_PLAIN[path]["autocast"] and DTYPE == "bfloat16"
+
+    seen, out = {effect(JOBS[job]["trl_plain"])}, []
+    for path in TRL_PLAIN:
+        if effect(path) not in seen:
+            seen.add(effect(path))
+            out.append(path)
+    return out
 
 
 def run_trl(job: str, work: Path, plain: bool, padding_free: bool, autocast: bool) -> dict:
