@@ -11,7 +11,8 @@ Fast path: a point's vectors are a few hundred to a few thousand floats, where a
 math (~10 us against ~2 us for numpy) and right after a training step every call is several times slower
 still. So the modules of a point are the rows of one float64 numpy matrix (zero-padded to one width: norms,
 dot products and differences are unchanged), the last 2*max(k)+1 points live in one ring array with their
-norms, and each metric is a few numpy calls for all modules and all lags (or all k) at once. The formulas are
+norms (read as views: copying whole points costs more than the math once modules x width is large), and
+each metric is a few numpy calls for all modules at once (A's and B's rows together where both take part). The formulas are
 rotation.py's (zero vectors give cosine 0 and no angle; angle = 2 atan2(|ua - ub|, |ua + ub|) of unit
 vectors); tests/test_phase_online.py checks every value against rotation.py's torch functions.
 """
@@ -139,20 +140,17 @@ class OnlineTrajectory:
             self.cum_rotation = self.cum_rotation + np.where(b_rot == b_rot, b_rot, 0.0)  # NaN: no rotation
         columns["B_rotation_cum_deg"] = self.cum_rotation
         lags = [j for j in sorted({1, *self.k_values}) if j <= held]
-        if lags:  # cos(b[s - j], b[s]) for every lag at once: (lags, modules)
-            at = self._slots(lags)
-            norm = self._ring_norm[at]
-            cos = np.clip(_dot(self._ring[at], unit[m:, : self._ring.shape[2]]) / np.where(norm > 0, norm, 1.0), -1.0, 1.0)
-            columns.update({f"B_cos_lag{j}": c for j, c in zip(lags, cos)})
+        ub = unit[m:, : self._ring.shape[2]]
+        for j, slot in zip(lags, self._slots(lags)):  # cos(b[s - j], b[s]); ring rows are views, not copies
+            norm = self._ring_norm[slot]
+            columns[f"B_cos_lag{j}"] = np.clip(_dot(self._ring[slot], ub) / np.where(norm > 0, norm, 1.0), -1.0, 1.0)
         out = PointMetrics(self._named(columns), {})
-        ks = [k for k in self.k_values if 2 * k <= held]
-        if ks:  # the point k back is now a centre i: cos(v[i-k] - v[i], v[i+k] - v[i]), every k at once
-            centre = self._slots(ks)
-            arms, _ = _unit(self._ring[self._slots([2 * k for k in ks]) + self._slots([0] * len(ks))]
-                            - self._ring[centre + centre])
-            cos = np.clip(_dot(arms[: len(ks)], arms[len(ks) :]), -1.0, 1.0)
-            for k, c in zip(ks, cos):
-                out.lagged.setdefault(self.steps[-1 - k], {}).update(self._named({f"B_local_cos_k{k}": c}))
+        for k in self.k_values:  # the point k back is now a centre i: cos(v[i-k] - v[i], v[i+k] - v[i])
+            if 2 * k <= held:
+                before, centre, now = (self._ring[slot] for slot in self._slots([2 * k, k, 0]))
+                arms, _ = _unit(np.stack([before - centre, now - centre]))
+                cos = np.clip(_dot(arms[0], arms[1]), -1.0, 1.0)
+                out.lagged.setdefault(self.steps[-1 - k], {}).update(self._named({f"B_local_cos_k{k}": cos}))
         for name, (_, b) in zip(self.names, pairs):
             if name not in self.detectors:
                 self.detectors[name] = TransitionDetector(**self.detector_args)
