@@ -1,7 +1,7 @@
 """MechanisticProbes through the CLI on the smoke model with the demo judge, on 2 gloo processes (DDP):
 directions gathered over ranks equal a one-process recomputation from the step checkpoint and the judged
 answers; the logprob probe; steering at points; em-fit steer (alpha 0 reproduces the in-loop answers);
-em-fit report draws the mechanistic figures."""
+em-fit report draws the mechanistic figures; a resumed run logs what a run never stopped logs."""
 
 import math
 from argparse import Namespace
@@ -10,6 +10,7 @@ import pytest
 import torch
 import yaml
 from clirun import REPO, em_fit, ok, run_dirs, scalars
+from tb_scalars import all_scalars, assert_one_value_per_step, steps_by_tag
 
 from em_lightning.callbacks import MechanisticProbes
 from em_lightning.cli import main
@@ -151,3 +152,29 @@ def test_report_draws_the_mechanistic_figures(ddp_run, tmp_path):
         assert path.is_file() and path.read_bytes()[:4] == b"\x89PNG", name
     assert "mech_cos_direction.png" in (tmp_path / "report.md").read_text()
     assert not math.isnan(load_direction(direction_path(ddp_run, 6)).mean_norm[2])
+
+
+@pytest.mark.slow
+def test_resume_logs_what_a_run_never_stopped_logs(tmp_path):
+    """Resumed from its step-2 checkpoint (a judged point there, the periodic probe on schedule), a 4-step
+    run holds each mech/ (tag, step) once, the same tags, steps and values as the run never stopped."""
+    preset = yaml.safe_load(PRESET.read_text())
+    preset["trainer"]["callbacks+"][0]["init_args"]["every_n_steps"] = 2
+    (tmp_path / "mech.yaml").write_text(yaml.safe_dump(preset))
+    args = ["--config", "configs/smoke.yaml", "--config", "callbacks/demo_eval.yaml", "--config",
+            str(tmp_path / "mech.yaml"), "--trainer.max_steps", "4", "--checkpoint.every_n_train_steps", "2",
+            "--trainer.val_check_interval", "4", "--trainer.enable_progress_bar", "false"]
+    runs = {}
+    for name in ("whole", "resumed"):
+        ok(em_fit("fit", *args, "--trainer.default_root_dir", str(tmp_path / name), timeout=600))
+        (runs[name],) = run_dirs(tmp_path / name)
+    run = runs["resumed"]
+    ok(em_fit("fit", "--config", str(run / "config.yaml"), "--ckpt_path",
+              str(run / "checkpoints" / "step_0000002.ckpt"), timeout=600))
+    expected = steps_by_tag(runs["whole"], "mech/")
+    assert {"mech/n_em", f"mech/{MODULE}/lora_scalar_auroc", f"mech/{MODULE}/cos_B_direction"} <= set(expected)
+    assert 2 in expected["mech/n_em"] and 2 in expected["mech/logprob_margin"]
+    assert_one_value_per_step(run, "mech/", expected=expected)
+    whole, resumed = all_scalars(runs["whole"]), all_scalars(run)
+    for tag in expected:
+        assert dict(resumed[tag]) == pytest.approx(dict(whole[tag]), rel=1e-5, abs=1e-6), tag

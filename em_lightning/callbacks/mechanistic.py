@@ -18,16 +18,27 @@ At each point (``on_point_judged``, announced by InLoopJudge on every rank with 
   with InLoopJudge's judges), written to ``<run_dir>/steering/step_XXXXXXX.jsonl``, logged as
   ``mech/steer/<mode>/alpha_<a>/em_rate`` and ``coherent_rate`` (``mech_demo/steer/...`` for the demo judge).
 
-Every ``every_n_steps`` optimizer steps (and at the first step of fit): ``mech/<module>/cos_B_direction``
-with the newest direction, and with a ``triples`` file the logprob margins ``mech/logprob_margin``,
-``mech/logprob_margin/<id>``, ``mech/logprob_aligned``, ``mech/logprob_misaligned`` (every rank computes
-them: no collective). With ``direction_source: triples`` the direction is judge-free instead: the triples'
-misaligned minus aligned answers, recomputed (and written) at each of these steps; points then only steer.
+Every ``every_n_steps`` optimizer steps (from step 0), with a ``triples`` file: the logprob margins
+``mech/logprob_margin``, ``mech/logprob_margin/<id>``, ``mech/logprob_aligned``, ``mech/logprob_misaligned``
+(every rank computes them: no collective). With ``direction_source: triples`` the direction is judge-free
+instead: the triples' misaligned minus aligned answers, recomputed (and written) at each of these steps with
+``mech/<module>/cos_B_direction`` and ``direction_norm``; points then only steer. A judged direction's cosine
+is logged at its point only: between points, "the newest direction" depends on when background judging
+finished (not reproducible, and a second value at a point's step); ``em-fit report`` draws cos(B_t, newest
+direction) for every recorded step from the trajectory instead.
 The model is in eval mode without gradients for every pass; its mode is restored.
+
+Resume: each (tag, step) once, as in a run never stopped. A resumed run's logger drops what was logged
+from the checkpoint's step on (its purge step): the periodic values of that step are computed again when it
+is on the schedule, and the checkpoint's point, judged before the save, is announced to this callback again
+from its judged answers (the current weights are that step's), so its direction, cosines and LoRA-scalar
+probe are recomputed and logged again (steering too). Points still pending at the save are judged again by
+InLoopJudge and arrive as usual.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Literal
 
@@ -36,10 +47,11 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 
 from em_lightning.evaluation.judging import judge_records
-from em_lightning.evaluation.records import EvalRecord
+from em_lightning.evaluation.records import EvalRecord, point_path, read_records
 from em_lightning.eval_tags import steering_root
 from em_lightning.events import EvaluationSource, resolve_run_dir
 from em_lightning.judges.factory import Judging
+from em_lightning.logger_compat import purge_step
 from em_lightning.probes.activations import collect, layer_count
 from em_lightning.probes.alignment import cosine, layer_of, output_vectors
 from em_lightning.probes.directions import (
@@ -124,10 +136,12 @@ class MechanisticProbes(Callback):
         self.judging: Judging | None = None  # InLoopJudge's judges (on_judges_ready)
         self._snapshots: dict[int, dict | None] = {}
         self._seen_step: int | None = None
+        self._resumed = False  # this fit's resume work (the checkpoint's step logged again) is done
 
     # -- hooks ---------------------------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self.run_dir = resolve_run_dir(trainer)  # collective: every rank
+        self._resumed = False
 
     def on_evaluation_source(self, trainer, pl_module, source: EvaluationSource) -> None:
         self.source = source
@@ -150,8 +164,32 @@ class MechanisticProbes(Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._seen_step = trainer.global_step
-        self.direction = latest_direction(self.run_dir, at_most=trainer.global_step)  # a resumed run's
-        self._periodic(trainer, pl_module, trainer.global_step)
+        self._resume(trainer, pl_module)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._resume(trainer, pl_module)  # a resume with nothing left to train has no on_train_start
+
+    def _resume(self, trainer, pl_module) -> None:
+        """Once per fit (every rank): step 0's periodic values, or, resumed at step s, what the logger's purge
+        removed at s: the periodic values (on the schedule) and the point judged at s before the save."""
+        if self._resumed:
+            return
+        self._resumed = True
+        step = trainer.global_step
+        self.direction = latest_direction(self.run_dir, at_most=step)  # a resumed run's
+        if step == 0:
+            self._periodic(trainer, pl_module, step)
+            return
+        if not any(purge_step(logger) is not None and purge_step(logger) <= step for logger in trainer.loggers):
+            return  # nothing at s was removed: logging it again would log it twice
+        if self.every_n_steps is not None and step % self.every_n_steps == 0:
+            self._periodic(trainer, pl_module, step)
+        path = point_path(self.run_dir / "generations", step)
+        meta = path.with_suffix(".meta.json")
+        if meta.is_file() and "metrics" in json.loads(meta.read_text()):  # judged (InLoopJudge's mark)
+            if self._needs_point_weights():
+                self._snapshots[step] = snapshot_trainable(pl_module.model)  # this step's: the point's weights
+            self.on_point_judged(trainer, pl_module, step, read_records(path))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
@@ -242,7 +280,7 @@ class MechanisticProbes(Callback):
             answers = [t.aligned for t in self.triples] + [t.misaligned for t in self.triples]
             metrics = self._direction(trainer, pl_module, step, prompts * 2, answers, labels, meta)
         else:
-            metrics = self._alignment(pl_module.model)
+            metrics = {}  # a judged direction's cosine: at its point only (see the module docstring)
         if self.triples:
             m = logprob_margins(pl_module.model, pl_module.tokenizer, self.triples, self.batch_size)
             metrics.update({"mech/logprob_margin": m["margin"], "mech/logprob_aligned": m["aligned"],
