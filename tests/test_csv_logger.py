@@ -1,7 +1,7 @@
 """With the demo stack (make demo's callbacks), a CSVLogger run records every scalar (train/, val/, phase/,
-eval_demo/) and text a TensorBoard run records, at the same steps; resumed from an earlier checkpoint it holds
+eval_demo/, mech/) and text a TensorBoard run records, at the same steps; resumed from an earlier checkpoint it holds
 each (tag, step) once, as TensorBoard's purge step gives (metrics.csv and texts.jsonl rows from the
-checkpoint's step on are replaced)."""
+checkpoint's step on are replaced); em-fit report reads a CSV run's curves from metrics.csv."""
 
 import csv
 import json
@@ -13,8 +13,11 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from clirun import SMOKE, em_fit, ok, run_dirs
 from tb_scalars import steps_by_tag
 
+from em_lightning.report.analysis import read_scalars
+
 CSV = "lightning.pytorch.loggers.CSVLogger"
-STACK = ["--config", "callbacks/phase_transition.yaml", "--config", "callbacks/demo_eval.yaml"]
+STACK = ["--config", "callbacks/phase_transition.yaml", "--config", "callbacks/demo_eval.yaml",
+         "--config", "callbacks/mechanistic.yaml"]
 SHORT = ["--trainer.max_steps", "4", "--trainer.val_check_interval", "2", "--checkpoint.every_n_train_steps", "2",
          "--model.warmup_steps", "1", "--trainer.enable_progress_bar", "false"]
 
@@ -52,7 +55,7 @@ def _csv_texts(run):
 def test_csv_run_records_what_tensorboard_records(tmp_path):
     tensorboard = _fit(tmp_path / "tb")
     expected = steps_by_tag(tensorboard)
-    assert {tag.split("/")[0] for tag in expected} == {"train", "val", "phase", "eval_demo"}
+    assert {tag.split("/")[0] for tag in expected} == {"train", "val", "phase", "eval_demo", "mech"}
     run = _fit(tmp_path / "csv", "--trainer.logger", CSV)
     assert _csv_steps(run) == expected
     texts = _tb_texts(tensorboard)
@@ -66,3 +69,9 @@ def test_csv_run_records_what_tensorboard_records(tmp_path):
     # that was never resumed: AdapterTrajectory's choice, the same under TensorBoard's purge)
     assert set(_csv_texts(run)) <= set(texts) and max(Counter(_csv_texts(run)).values()) == 1
     assert {t for t in texts if t[1] >= 2 and t[0] != "phase/transitions"} <= set(_csv_texts(run))
+    # em-fit report reads the CSV run's curves: the TensorBoard run's tags and steps, the same losses
+    from_csv, from_tb = read_scalars(run), read_scalars(tensorboard)
+    assert {t: steps for t, (steps, _) in from_csv.items()} == {t: steps for t, (steps, _) in from_tb.items()}
+    assert from_csv["train/loss"][1] == pytest.approx(from_tb["train/loss"][1], rel=1e-5)
+    ok(em_fit("report", str(run), timeout=600))
+    assert (run / "report" / "metrics.png").is_file()

@@ -1,8 +1,9 @@
 """What ``em-fit report`` shows about a run, finished or still running: read and computed, not drawn.
 
 Reads what the run directory holds: the adapter trajectory (``trajectory/``, via
-``em_lightning.phase.store``) and the TensorBoard scalars (``train/loss``, ``eval/em_rate``,
-``eval/coherent_rate``, live transition scalars). Each figure is drawn when its data exists; a sharp turn
+``em_lightning.phase.store``) and the run's scalars (``train/loss``, ``eval/em_rate``,
+``eval/coherent_rate``, live transition scalars) from its TensorBoard event files, or from ``metrics.csv``
+for a run logged with CSVLogger. Each figure is drawn when its data exists; a sharp turn
 of each module's B vector is found with ``em_lightning.phase.detection_trace`` (the live callback's
 rule and, when the trajectory's meta records them, its settings) and marked on every figure. Reading and
 computing here know nothing of Lightning; ``figures.py`` draws it, ``summary.py`` writes report.md.
@@ -10,6 +11,7 @@ computing here know nothing of Lightning; ``figures.py`` draws it, ``summary.py`
 
 from __future__ import annotations
 
+import csv
 import math
 import re
 from dataclasses import dataclass, field
@@ -73,10 +75,11 @@ def natural_key(name: str) -> list:
 
 
 def read_scalars(run_dir: Path) -> dict[str, tuple[list[int], list[float]]]:
-    """Every scalar tag of the event files in ``run_dir`` (a resumed run's purged steps are dropped)."""
+    """Every scalar tag of the event files in ``run_dir`` (a resumed run's purged steps are dropped), or,
+    for a run without event files, of its ``metrics.csv`` (CSVLogger)."""
 
     if not any(p.is_file() for p in run_dir.glob("events.out.tfevents.*")):
-        return {}
+        return read_csv_scalars(run_dir / "metrics.csv") if (run_dir / "metrics.csv").is_file() else {}
     acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
     acc.Reload()
     out = {}
@@ -86,6 +89,20 @@ def read_scalars(run_dir: Path) -> dict[str, tuple[list[int], list[float]]]:
             steps = sorted(last)
             out[tag] = (steps, [last[s] for s in steps])
     return out
+
+
+def read_csv_scalars(path: Path) -> dict[str, tuple[list[int], list[float]]]:
+    """Every column of a CSVLogger ``metrics.csv`` (one row per logged step and call; a blank cell: not logged
+    there), in ``read_scalars``' shape. A resumed run's rows from its checkpoint's step on were replaced
+    (``logger_compat.open_csv``); a step logged twice keeps its last value, as from TensorBoard."""
+    last: dict[str, dict[int, float]] = {}
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            step = int(float(row["step"]))
+            for tag, value in row.items():
+                if tag not in ("step", "epoch") and value not in ("", None):
+                    last.setdefault(tag, {})[step] = float(value)
+    return {tag: (sorted(by_step), [by_step[s] for s in sorted(by_step)]) for tag, by_step in last.items()}
 
 
 def live_transitions(scalars: dict[str, tuple[list[int], list[float]]]) -> dict[str, list[int]]:
@@ -157,7 +174,8 @@ def analyse_run(run_dir: Path, ks: list[int], detector_k: int | None = None) -> 
                      str(run_dir / "trajectory"))
     scalars = read_scalars(run_dir)
     if (traj is None or len(traj.steps) == 0) and not scalars:
-        raise ValueError(traj_error or f"nothing to report in {run_dir}: no trajectory/ and no TensorBoard event files")
+        raise ValueError(traj_error or f"nothing to report in {run_dir}: no trajectory/, no TensorBoard event "
+                         "files and no metrics.csv")
 
     detector = _detector_settings(traj.meta if traj is not None else {}, run_dir, detector_k)
     steps, modules = [], []
