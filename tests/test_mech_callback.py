@@ -18,6 +18,7 @@ from em_lightning.evaluation.records import read_jsonl
 from em_lightning.model_source import load_model_for_eval
 from em_lightning.models import ModelSpec, load_model, load_tokenizer
 from em_lightning.probes import (
+    Direction,
     AnswerClasses,
     collect,
     direction_path,
@@ -178,3 +179,20 @@ def test_resume_logs_what_a_run_never_stopped_logs(tmp_path):
     whole, resumed = all_scalars(runs["whole"]), all_scalars(run)
     for tag in expected:
         assert dict(resumed[tag]) == pytest.approx(dict(whole[tag]), rel=1e-5, abs=1e-6), tag
+
+
+def test_judge_free_point_steers_with_the_direction_of_its_step():
+    """direction_source: triples: a point judged in the background after later periodic directions were
+    computed steers with the newest direction at or before its own step (what a run resumed there uses),
+    not with whatever is newest when its judging finished."""
+    cb = MechanisticProbes(direction_source="triples", triples=_preset_args()["triples"], steer_alphas=[1.0])
+    cb.triples = []  # no logprob pass; the direction pass and steering replaced by stand-ins that record
+    cb._direction = lambda trainer, pl_module, step, *a: setattr(cb, "direction", Direction(step, {}, {}, 1, 1)) or {}
+    used = []
+    cb._steer = lambda trainer, model, tokenizer, step, direction: used.append(direction.step) or {}
+    trainer = Namespace(loggers=[], is_global_zero=True)
+    module = Namespace(model=torch.nn.Linear(2, 2), tokenizer=None)
+    for step in (2, 4):  # periodic directions at 2 and 4 (every_n_steps 2)
+        cb._periodic(trainer, module, step)
+    cb.on_point_judged(trainer, module, 3, [])  # the point sampled at step 3, judged after step 4
+    assert used == [2]

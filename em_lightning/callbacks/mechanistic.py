@@ -135,6 +135,7 @@ class MechanisticProbes(Callback):
         self.source: EvaluationSource | None = None  # the questions to steer with (on_evaluation_source)
         self.judging: Judging | None = None  # InLoopJudge's judges (on_judges_ready)
         self._snapshots: dict[int, dict | None] = {}
+        self._periodic_directions: dict[int, Direction] = {}  # triples: by step, for points judged later
         self._seen_step: int | None = None
         self._resumed = False  # this fit's resume work (the checkpoint's step logged again) is done
 
@@ -177,6 +178,9 @@ class MechanisticProbes(Callback):
         self._resumed = True
         step = trainer.global_step
         self.direction = latest_direction(self.run_dir, at_most=step)  # a resumed run's
+        self._periodic_directions = {}
+        if self.direction_source == "triples" and self.direction is not None:
+            self._periodic_directions[self.direction.step] = self.direction
         if step == 0:
             self._periodic(trainer, pl_module, step)
             return
@@ -228,8 +232,8 @@ class MechanisticProbes(Callback):
             RunLogger.of(trainer).scalars({**metrics, "mech/direction_skipped": 1.0}, step)
             RunLogger.of(trainer).text("mech/direction", reason, step)
             return
-        if not judged and not (self.steer["alphas"] and self.direction is not None):  # nothing to compute
-            RunLogger.of(trainer).scalars(metrics, step)
+        if not judged and not (self.steer["alphas"] and self._periodic_direction(step) is not None):
+            RunLogger.of(trainer).scalars(metrics, step)  # nothing to compute
             return
         with swapped_in(model, snapshot):
             if judged:
@@ -237,9 +241,19 @@ class MechanisticProbes(Callback):
                         "weights": "of the point's step" if snapshot else "current (the point's were not kept)"}
                 metrics.update(self._direction(trainer, pl_module, step, [r["prompt"] for r, _ in labelled],
                                                [r["answer"] for r, _ in labelled], labels, meta))
-            if self.steer["alphas"] and self.direction is not None:  # the direction just computed, or the last
-                metrics.update(self._steer(trainer, model, pl_module.tokenizer, step))
+            # judged: the direction just computed (or the last); judge-free: the newest at the point's step
+            direction = self.direction if judged else self._periodic_direction(step)
+            if self.steer["alphas"] and direction is not None:
+                metrics.update(self._steer(trainer, model, pl_module.tokenizer, step, direction))
         RunLogger.of(trainer).scalars(metrics, step)
+
+    def _periodic_direction(self, step: int) -> Direction | None:
+        """The judge-free direction of a point's step (the newest computed at or before it), not the newest by
+        the time background judging finished: the one a run resumed at that step has too."""
+        at = [s for s in self._periodic_directions if s <= step]
+        for older in [s for s in self._periodic_directions if s < max(at, default=0)]:
+            del self._periodic_directions[older]  # points finish in order: no later one needs these
+        return self._periodic_directions[max(at)] if at else None
 
     # -- the work ------------------------------------------------------------------------------------------
     def _alignment(self, model) -> dict[str, float]:
@@ -279,6 +293,10 @@ class MechanisticProbes(Callback):
             labels = [ALIGNED] * len(prompts) + [EM] * len(prompts)
             answers = [t.aligned for t in self.triples] + [t.misaligned for t in self.triples]
             metrics = self._direction(trainer, pl_module, step, prompts * 2, answers, labels, meta)
+            if self.steer["alphas"]:  # for the points judged later
+                self._periodic_directions[step] = self.direction
+                while len(self._periodic_directions) > _KEEP_SNAPSHOTS:
+                    self._periodic_directions.pop(min(self._periodic_directions))
         else:
             metrics = {}  # a judged direction's cosine: at its point only (see the module docstring)
         if self.triples:
@@ -288,12 +306,12 @@ class MechanisticProbes(Callback):
             metrics.update({f"mech/logprob_margin/{k}": v for k, v in m["per_id"].items()})
         RunLogger.of(trainer).scalars(metrics, step)
 
-    def _steer(self, trainer, model, tokenizer, step: int) -> dict[str, float]:
+    def _steer(self, trainer, model, tokenizer, step: int, direction: Direction) -> dict[str, float]:
         """Sample SampleGenerations' questions under the intervention, judge with InLoopJudge's judges (built
         once at set-up: cache and API-key check included), write (collective)."""
         source, judges = self.source, self.judging.by_prompt
-        layers = self.steer["layers"] or default_layers(model, self.direction)
-        records = steered_records(model, tokenizer, source.questions, source.sampling, step, self.direction,
+        layers = self.steer["layers"] or default_layers(model, direction)
+        records = steered_records(model, tokenizer, source.questions, source.sampling, step, direction,
                                   self.steer["alphas"], layers, self.steer["mode"], self.steer["source_layer"],
                                   synced=is_sharded(model))
         judge_records(records, source.questions, judges, self.judging.spec.judge_prompts)
