@@ -111,7 +111,7 @@ class MechanisticProbes(Callback):
             lora_scalar: also compute the rank-1 LoRA-scalar probe in the same pass.
             batch_size, max_tokens: of the teacher-forced passes (prompt + answer tokens, answer cut first).
             triples: JSONL file of (question, aligned, misaligned) triples for the logprob probe (None: off).
-            every_n_steps: optimizer steps between logprob/cosine logs (None: only at the points).
+            every_n_steps: optimizer steps between logprob logs (and judge-free directions; None: step 0 only).
             steer_alphas: at each point, also sample the questions steered (or ablated) at these strengths.
             steer_mode: ``steer`` (base model + alpha x direction) or ``ablate`` (fine-tuned model minus it).
             steer_layers: layers to intervene at (default: the layers the adapters write into).
