@@ -11,10 +11,9 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info
 
 from em_lightning.atomic_io import atomic_write
-from em_lightning.evaluation.plan import answers_per_point, judge_calls_per_point, planned_points
+from em_lightning.evaluation.plan import EvaluationSource, answers_per_point, judge_calls_per_point, planned_points
 from em_lightning.eval_tags import scale_prefix
 from em_lightning.evaluation.records import CORE_SCORES
-from em_lightning.events import EvaluationSource
 from em_lightning.run_logger import RunLogger
 
 

@@ -17,7 +17,7 @@ acts once it has both its own set-up and the event; checks that an event came be
 ``on_validation_start``, after every callback's ``setup``):
 
 - ``on_evaluation_source(trainer, pl_module, source)``: SampleGenerations' questions, sampling and
-  schedule (``EvaluationSource``); InLoopJudge judges them, MechanisticProbes steers with them.
+  schedule (``evaluation.plan.EvaluationSource``); InLoopJudge judges them, MechanisticProbes steers with them.
 - ``on_judges_ready(trainer, pl_module, judging)``: InLoopJudge built its judges (``judges.factory.Judging``:
   cached, API keys checked); MechanisticProbes judges its steered answers with them.
 
@@ -26,25 +26,10 @@ Callbacks never look each other up in ``trainer.callbacks``: what one needs from
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import lightning.pytorch as pl
 
-from em_lightning.evaluation.sampling import SamplingConfig
-from em_lightning.questions import Question
-
-
-@dataclass(frozen=True)
-class EvaluationSource:
-    """What SampleGenerations samples and when (``on_evaluation_source``)."""
-
-    questions: list[Question]
-    sampling: SamplingConfig
-    scales: list[float]
-    every_n_steps: int | None
-    at_checkpoints: bool
-    at_fit_end: bool
 
 
 def resolve_run_dir(trainer: pl.Trainer) -> Path:

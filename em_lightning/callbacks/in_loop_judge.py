@@ -74,8 +74,9 @@ from em_lightning.eval_tags import metrics_root, panel_metrics, point_metrics
 from em_lightning.evaluation.metrics import convention_named, resolve_conventions
 from em_lightning.evaluation.panel import apply_panel
 from em_lightning.evaluation.sampling import shard_indices
+from em_lightning.evaluation.plan import EvaluationSource
 from em_lightning.distributed import rank_world
-from em_lightning.events import EvaluationSource, announce, resolve_run_dir
+from em_lightning.events import announce, resolve_run_dir
 from em_lightning.judges.base import Judge
 from em_lightning.judges.cache import JudgeCache
 from em_lightning.judges.deadline import DEADLINE_PASSED, is_lost_to_judge_outage, judge_deadline

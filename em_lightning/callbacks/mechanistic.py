@@ -48,8 +48,9 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from em_lightning.evaluation.judging import judge_records
 from em_lightning.evaluation.records import EvalRecord, point_path, read_records
+from em_lightning.evaluation.plan import EvaluationSource
 from em_lightning.eval_tags import steering_root
-from em_lightning.events import EvaluationSource, resolve_run_dir
+from em_lightning.events import resolve_run_dir
 from em_lightning.judges.factory import Judging
 from em_lightning.logger_compat import purge_step
 from em_lightning.probes.activations import collect, layer_count

@@ -35,7 +35,8 @@ from em_lightning.evaluation.conditions import Condition, with_conditions
 from em_lightning.evaluation.records import EvalRecord, write_point
 from em_lightning.evaluation.runner import EvalPoint, point_meta, sample_records
 from em_lightning.evaluation.sampling import SamplingConfig
-from em_lightning.events import EvaluationSource, announce, resolve_run_dir
+from em_lightning.evaluation.plan import EvaluationSource
+from em_lightning.events import announce, resolve_run_dir
 from em_lightning.questions import load_questions
 from em_lightning.sharding import is_sharded
 

@@ -4,6 +4,7 @@ judge calls. (Points added by a detected phase transition are not known in advan
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from em_lightning.evaluation.sampling import DEFAULT_SAMPLES_PER_PARAPHRASE, SamplingConfig
 from em_lightning.questions import Question
@@ -35,3 +36,15 @@ def judge_calls_per_point(questions: Sequence[Question], sampling: SamplingConfi
     """Judge calls (before the cache) for one point: every answer x every judge prompt of its question."""
     per_answer = {q.id: sum(1 for n in q.judge_prompts if n in names) for q in questions}
     return len(scales) * sum(len(q.paraphrases) * _samples(q, sampling) * per_answer[q.id] for q in questions)
+
+
+@dataclass(frozen=True)
+class EvaluationSource:
+    """What SampleGenerations samples and when (``on_evaluation_source``)."""
+
+    questions: list[Question]
+    sampling: SamplingConfig
+    scales: list[float]
+    every_n_steps: int | None
+    at_checkpoints: bool
+    at_fit_end: bool
