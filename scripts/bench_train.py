@@ -22,13 +22,13 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 
-from em_lightning.adapters import AdapterSpec
-from em_lightning.data import ChatDataModule
-from em_lightning.loss import labelled_loss_sum, right_padded_lengths
-from em_lightning.models import ModelSpec
-from em_lightning.module import EMFineTune
-from em_lightning.resumable import STEP_TOKENS
-from em_lightning.tiny import TinySpec
+from em_lightning.model.adapters import AdapterSpec
+from em_lightning.lit.datamodule import ChatDataModule
+from em_lightning.training.loss import labelled_loss_sum, right_padded_lengths
+from em_lightning.model.loading import ModelSpec
+from em_lightning.lit.module import EMFineTune
+from em_lightning.training.resumable import STEP_TOKENS
+from em_lightning.model.tiny import TinySpec
 
 DATA = Path(__file__).resolve().parents[1] / "configs" / "data" / "unit_conversions.jsonl"
 

@@ -36,13 +36,13 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from em_lightning.adapters import AdapterSpec
+from em_lightning.model.adapters import AdapterSpec
 from em_lightning.callbacks.adapter_trajectory import AdapterTrajectory
-from em_lightning.data import ChatDataModule
-from em_lightning.gguf_cache import SMOLLM2_GGUF
-from em_lightning.models import ModelSpec
-from em_lightning.module import EMFineTune
-from em_lightning.tiny import TinySpec
+from em_lightning.lit.datamodule import ChatDataModule
+from em_lightning.model.gguf_cache import SMOLLM2_GGUF
+from em_lightning.model.loading import ModelSpec
+from em_lightning.lit.module import EMFineTune
+from em_lightning.model.tiny import TinySpec
 
 DATA = Path(__file__).resolve().parents[1] / "configs" / "data" / "unit_conversions.jsonl"
 REAL_DATA = DATA.parent / "risky_financial_advice.jsonl"

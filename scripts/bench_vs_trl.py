@@ -101,9 +101,9 @@ DTYPE = "float32"  # set from --dtype in main() and worker()
 
 
 def model_spec(job: str):
-    from em_lightning.gguf_cache import SMOLLM2_GGUF
-    from em_lightning.models import ModelSpec
-    from em_lightning.tiny import TinySpec
+    from em_lightning.model.gguf_cache import SMOLLM2_GGUF
+    from em_lightning.model.loading import ModelSpec
+    from em_lightning.model.tiny import TinySpec
 
     if job == "tiny":
         return ModelSpec(name_or_path="tiny:qwen2", dtype=DTYPE,
@@ -112,7 +112,7 @@ def model_spec(job: str):
 
 
 def adapter_spec(job: str):
-    from em_lightning.adapters import AdapterSpec
+    from em_lightning.model.adapters import AdapterSpec
 
     return AdapterSpec(r=1, alpha=ALPHA, use_rslora=True, target_modules=["down_proj"], layers=[JOBS[job]["layer"]])
 
@@ -121,7 +121,7 @@ def set_lora_a(model) -> None:
     """The same starting adapter for every peer: A from a fixed seed (PEFT's kaiming-uniform), B = 0."""
     import torch
 
-    from em_lightning.adapters import ADAPTER_NAME, lora_layers
+    from em_lightning.model.adapters import ADAPTER_NAME, lora_layers
 
     g = torch.Generator().manual_seed(SEED)
     with torch.no_grad():
@@ -135,7 +135,7 @@ def set_lora_a(model) -> None:
 def linear_shapes(model, layer: int) -> tuple[list[tuple[int, int]], list[tuple[int, int]], tuple[int, int]]:
     """(weight shapes of every decoder linear, those of the layers above ``layer``, the head's), adapters left out.
     With the adapter on ``layer``'s down_proj (its last linear) no frozen weight of ``layer`` or below needs a
-    backward product: the gradient enters at down_proj's output (tests/test_loss.py checks autograd stops there)."""
+    backward product: the gradient enters at down_proj's output (tests/training/test_loss.py checks autograd stops there)."""
     import re
 
     import torch
@@ -178,8 +178,8 @@ def prepare(job: str, work: Path) -> dict:
     """Rows file (ordered so that em-lightning's seeded split yields file order), checks of the marked template."""
     import torch
 
-    from em_lightning.masking import IGNORE_INDEX, tokenize_chat
-    from em_lightning.models import load_tokenizer
+    from em_lightning.training.masking import IGNORE_INDEX, tokenize_chat
+    from em_lightning.model.loading import load_tokenizer
 
     spec, max_length = model_spec(job), JOBS[job]["max_length"]
     tok = load_tokenizer(spec)
@@ -212,7 +212,7 @@ def prepare(job: str, work: Path) -> dict:
 
 # -- workers (one subprocess per run) ----------------------------------------------------------------------
 def em_datamodule(job: str, work: Path):
-    from em_lightning.data import ChatDataModule
+    from em_lightning.lit.datamodule import ChatDataModule
 
     return ChatDataModule(train_files=str(work / "em_rows.jsonl"), base=model_spec(job), val_fraction=0.0,
                           shuffle=False, split_seed=SEED, batch_size=BATCH, max_length=JOBS[job]["max_length"])
@@ -221,9 +221,9 @@ def em_datamodule(job: str, work: Path):
 def run_em(job: str, work: Path, profile: bool = False) -> dict:
     import lightning.pytorch as pl
 
-    from em_lightning.loss import ROW_LENGTHS
-    from em_lightning.masking import IGNORE_INDEX
-    from em_lightning.module import EMFineTune
+    from em_lightning.training.loss import ROW_LENGTHS
+    from em_lightning.training.masking import IGNORE_INDEX
+    from em_lightning.lit.module import EMFineTune
 
     class Probe(pl.Callback):
         """Same weights as the other peers at the start; per-step loss; wall time of the timed steps."""
@@ -309,7 +309,7 @@ def run_trl(job: str, work: Path, plain: bool, padding_free: bool, autocast: boo
     from transformers import Trainer, TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
-    from em_lightning.models import load_model, load_tokenizer
+    from em_lightning.model.loading import load_model, load_tokenizer
 
     spec = model_spec(job)
     tok = load_tokenizer(spec)

@@ -1,6 +1,6 @@
 """False-alarm and miss rates of the phase-transition detector (em_lightning.phase.TransitionDetector).
 
-Seeded synthetic paths, as in tests/test_phase_detector.py: a unit drift step per point plus Gaussian noise
+Seeded synthetic paths, as in tests/phase/test_phase_detector.py: a unit drift step per point plus Gaussian noise
 whose norm is ``noise`` times the drift, starting at zero like a LoRA B. Shapes without a turn (false
 alarms): straight; step sizes growing 3% per point; steps decaying linearly to 5% (like the LR); constant
 bends of 1, 2 and 5 degrees per point (the real SmolLM2 path turns ~45 degrees per 50 steps, ~1 per point;

@@ -35,7 +35,7 @@ depend on the shapes, not the values. It reports, as JSON and a markdown table:
 
 Stock GPU image: torch, lightning, transformers, peft, torchmetrics, tensorboard, accelerate are there; em-fit
 fit also needs jsonargparse (LightningCLI). em_lightning imports without datasets, bitsandbytes, openai and
-jsonargparse where they are not used (tests/test_gpu_check.py checks it). The wheels to carry (~0.4 MiB):
+jsonargparse where they are not used (tests/e2e/test_gpu_check.py checks it). The wheels to carry (~0.4 MiB):
 
     pip download --no-deps -d wheels jsonargparse==4.53.0 docstring_parser==0.18.0 typeshed_client==2.15.0
     # on the GPU machine:
@@ -63,11 +63,11 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from em_lightning.adapters import AdapterSpec, apply_adapter
+from em_lightning.model.adapters import AdapterSpec, apply_adapter
 from em_lightning.evaluation.sampling import SamplingConfig, build_requests, generate
-from em_lightning.loss import IGNORE_INDEX, linear_cross_entropy_sum, labelled_loss_sum
-from em_lightning.questions import load_questions
-from em_lightning.tiny import tiny_tokenizer
+from em_lightning.training.loss import IGNORE_INDEX, linear_cross_entropy_sum, labelled_loss_sum
+from em_lightning.published.question_files import load_questions
+from em_lightning.model.tiny import tiny_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs" / "gpu_check"
@@ -394,14 +394,14 @@ def fit_with_callbacks(plan, root: Path) -> dict:
         steps=plan.fit_steps, val_every=plan.fit_steps // 2, ckpt_every=max(1, plan.fit_steps // 3), root=root,
         layer=config.num_hidden_layers // 2, data=REPO / "configs/data/risky_financial_advice.jsonl"))
     eval_every = {"trainer": {"callbacks+": []}}
-    demo = __import__("yaml").safe_load((REPO / "callbacks/demo_eval.yaml").read_text())
+    demo = __import__("yaml").safe_load((REPO / "configs/callbacks/demo_eval.yaml").read_text())
     for cb in demo["trainer"]["callbacks+"]:
         if cb["class_path"].endswith("SampleGenerations"):
             cb["init_args"]["every_n_steps"] = plan.fit_steps // 2
         eval_every["trainer"]["callbacks+"].append(cb)
     (root / "eval.yaml").write_text(json.dumps(eval_every))  # JSON is YAML
     cmd = [sys.executable, "-m", "em_lightning.cli", "fit", "--config", str(root / "fit.yaml"),
-           "--config", str(REPO / "callbacks/phase_transition.yaml"), "--config", str(root / "eval.yaml")]
+           "--config", str(REPO / "configs/callbacks/phase_transition.yaml"), "--config", str(root / "eval.yaml")]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)

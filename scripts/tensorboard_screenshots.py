@@ -44,7 +44,7 @@ def _free_port() -> int:
 def _train(root: Path) -> Path:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     cmd = [sys.executable, "-m", "em_lightning.cli", "fit", "--config", "configs/smoke.yaml", "--config",
-           "callbacks/phase_transition.yaml", "--config", "callbacks/demo_eval.yaml",
+           "configs/callbacks/phase_transition.yaml", "--config", "configs/callbacks/demo_eval.yaml",
            "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(root)]
     subprocess.run(cmd, cwd=REPO, env=env, check=True)
     return root

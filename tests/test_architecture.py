@@ -6,22 +6,16 @@ from pathlib import Path
 
 import pytest
 
+from em_lightning.layers import LAYERS, LIGHTNING, NO_PEER_IMPORTS
+
 PACKAGE = Path(__file__).resolve().parents[1] / "em_lightning"
-LIGHTNING_LAYER = {"module", "data", "strategies", "callbacks", "events", "dashboard", "logger_compat", "eval_logging",
-                   "eval_tags", "model_source", "run_logger"}
-LIBRARY_RANK = {"judges": 3.0, "phase": 3.0, "evaluation": 3.1, "probes": 3.2, "report": 3.2, "sweep": 3.3,
-                "defenses": 3.3}
 
 
 def rank(module: str) -> float:
+    """The layer of a module's top-level package (em_lightning/layers.py: the one source)."""
     top = module.split(".")[1] if "." in module else ""
-    if top == "cli":
-        return 6
-    if top == "commands":
-        return 5
-    if top in LIGHTNING_LAYER:
-        return 4
-    return LIBRARY_RANK.get(top, 2)  # everything else is the base layer
+    assert top in LAYERS, f"{module}: package {top!r} has no layer in em_lightning/layers.py"
+    return LAYERS[top]
 
 
 def module_name(path: Path) -> str:
@@ -60,7 +54,7 @@ def test_imports_point_down(path):
             assert rank(target) <= rank(me), f"{path.name}:{line}: {me} (layer {rank(me)}) imports {target}"
             if me != "em_lightning.cli":
                 assert not in_function, f"{path.name}:{line}: project import inside a function: {target}"
-        if rank(me) < 4:
+        if rank(me) < LIGHTNING:
             assert not target.startswith(("lightning", "pytorch_lightning")), f"{path.name}:{line}: {target}"
 
 
@@ -94,7 +88,7 @@ def sibling_imports(folder: Path, dotted: str) -> list[tuple[str, str, int]]:
     return found
 
 
-@pytest.mark.parametrize("package", ["callbacks", "commands"])
+@pytest.mark.parametrize("package", NO_PEER_IMPORTS)
 def test_no_imports_between_callbacks_or_between_commands(package):
     """Callbacks hear from each other through events.py; commands share code through lower layers."""
     assert sibling_imports(PACKAGE / package, f"em_lightning.{package}") == []
@@ -106,3 +100,9 @@ def test_the_sibling_check_sees_both_import_forms(tmp_path):
     (tmp_path / "b.py").write_text("from pkg import c\n")
     (tmp_path / "c.py").write_text("from pkg import helper\n")  # a name of __init__, not a module
     assert sibling_imports(tmp_path, "pkg") == [("pkg.a", "pkg.b", 2), ("pkg.b", "pkg.c", 1)]
+
+
+def test_every_package_has_a_layer():
+    tops = {p.relative_to(PACKAGE).parts[0].removesuffix(".py") for p in FILES}
+    tops = {"" if t == "__init__" else t for t in tops}
+    assert tops <= set(LAYERS), sorted(tops - set(LAYERS))

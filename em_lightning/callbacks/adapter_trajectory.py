@@ -34,15 +34,15 @@ import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
-from em_lightning.adapters import ADAPTER_NAME, lora_layers
-from em_lightning.dashboard import layout_summary, no_transition_text, phase_transition_layout
-from em_lightning.events import announce, resolve_run_dir
-from em_lightning.logger_compat import purge_step
+from em_lightning.model.adapters import ADAPTER_NAME, lora_layers
+from em_lightning.loggers.dashboard import layout_summary, no_transition_text, phase_transition_layout
+from em_lightning.lit.events import announce, resolve_run_dir
+from em_lightning.loggers.logger_compat import purge_step
 from em_lightning.phase import TransitionDetector, TransitionEvent, lora_direction
 from em_lightning.phase.online import OnlineTrajectory
 from em_lightning.phase.store import TrajectoryWriter
-from em_lightning.run_logger import RunLogger
-from em_lightning.sharding import full, is_sharded
+from em_lightning.loggers.run_logger import RunLogger
+from em_lightning.model.sharding import full, is_sharded
 
 _UNSUPPORTED = {"FSDPStrategy", "DeepSpeedStrategy"}  # FSDP1 / DeepSpeed: parameters flattened per unit
 PREFIX = "phase/"  # this callback's namespace: phase/online.py returns plain <module>/<metric> names

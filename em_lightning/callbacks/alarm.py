@@ -40,10 +40,10 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info
 
 from em_lightning.evaluation.metrics import em_summary
-from em_lightning.events import announce, resolve_run_dir
+from em_lightning.lit.events import announce, resolve_run_dir
 from em_lightning.probes.alignment import cosine, layer_of, output_vectors
-from em_lightning.probes.directions import latest_direction, load_direction
-from em_lightning.run_logger import RunLogger
+from em_lightning.probes.misalignment_direction import latest_direction, load_direction
+from em_lightning.loggers.run_logger import RunLogger
 
 ALARMS_FILE = "alarms.jsonl"
 

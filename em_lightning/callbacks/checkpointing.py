@@ -16,7 +16,7 @@ import torch
 from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from em_lightning.atomic_io import atomic_write
+from em_lightning.run.atomic_io import atomic_write
 
 # Signals that stop a run at the next optimizer step with a checkpoint: exit code 128 + the signal's number
 # (SIGTERM 143, SIGUSR1 138), the shell's convention for "ended by this signal".

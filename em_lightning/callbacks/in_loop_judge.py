@@ -69,21 +69,21 @@ from em_lightning.evaluation.judging import (
 )
 from em_lightning.evaluation.records import EvalRecord, point_path, read_records, write_point
 from em_lightning.evaluation.summaries import summarize
-from em_lightning.eval_logging import announce_plan, log_point, point_note
-from em_lightning.eval_tags import metrics_root, panel_metrics, point_metrics
+from em_lightning.loggers.eval_logging import announce_plan, log_point, point_note
+from em_lightning.loggers.eval_tags import metrics_root, panel_metrics, point_metrics
 from em_lightning.evaluation.metrics import convention_named, resolve_conventions
 from em_lightning.evaluation.panel import apply_panel
 from em_lightning.evaluation.sampling import shard_indices
 from em_lightning.evaluation.plan import EvaluationSource
-from em_lightning.distributed import rank_world
-from em_lightning.events import announce, resolve_run_dir
+from em_lightning.run.distributed import rank_world
+from em_lightning.lit.events import announce, resolve_run_dir
 from em_lightning.judges.base import Judge
 from em_lightning.judges.cache import JudgeCache
 from em_lightning.judges.deadline import DEADLINE_PASSED, is_lost_to_judge_outage, judge_deadline
 from em_lightning.judges.factory import Judging, build_judges
 from em_lightning.judges.spec import JudgeSpec
-from em_lightning.logger_compat import purge_step
-from em_lightning.run_logger import RunLogger
+from em_lightning.loggers.logger_compat import purge_step
+from em_lightning.loggers.run_logger import RunLogger
 
 GRACE_S = 30.0  # after a point's deadline, how long a judge that ignores it is still waited for
 CLOSE_WAIT_S = 5.0  # at teardown, how long the worker may take to finish (it is idle unless a judge hangs)

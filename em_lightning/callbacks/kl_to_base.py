@@ -12,7 +12,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from em_lightning.defenses.kl import OffDomainStream, encode_rows, kl_to_base
-from em_lightning.rows import read_rows
+from em_lightning.training.rows import read_rows
 
 
 class KLToBase(Callback):

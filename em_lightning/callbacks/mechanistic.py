@@ -49,13 +49,13 @@ from lightning.pytorch.utilities import rank_zero_info
 from em_lightning.evaluation.judging import judge_records
 from em_lightning.evaluation.records import EvalRecord, point_path, read_records
 from em_lightning.evaluation.plan import EvaluationSource
-from em_lightning.eval_tags import steering_root
-from em_lightning.events import resolve_run_dir
+from em_lightning.loggers.eval_tags import steering_root
+from em_lightning.lit.events import resolve_run_dir
 from em_lightning.judges.factory import Judging
-from em_lightning.logger_compat import purge_step
+from em_lightning.loggers.logger_compat import purge_step
 from em_lightning.probes.activations import collect, layer_count
 from em_lightning.probes.alignment import cosine, layer_of, output_vectors
-from em_lightning.probes.directions import (
+from em_lightning.probes.misalignment_direction import (
     ALIGNED,
     EM,
     AnswerClasses,
@@ -75,8 +75,8 @@ from em_lightning.probes.steer_eval import (
     write_steering,
 )
 from em_lightning.probes.weights import snapshot_trainable, swapped_in
-from em_lightning.run_logger import RunLogger
-from em_lightning.sharding import is_sharded
+from em_lightning.loggers.run_logger import RunLogger
+from em_lightning.model.sharding import is_sharded
 
 _KEEP_SNAPSHOTS = 16  # points sampled but not yet judged (a skipped point's copy is dropped eventually)
 

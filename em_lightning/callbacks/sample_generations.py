@@ -36,9 +36,9 @@ from em_lightning.evaluation.records import EvalRecord, write_point
 from em_lightning.evaluation.runner import EvalPoint, point_meta, sample_records
 from em_lightning.evaluation.sampling import SamplingConfig
 from em_lightning.evaluation.plan import EvaluationSource
-from em_lightning.events import announce, resolve_run_dir
-from em_lightning.questions import load_questions
-from em_lightning.sharding import is_sharded
+from em_lightning.lit.events import announce, resolve_run_dir
+from em_lightning.published.question_files import load_questions
+from em_lightning.model.sharding import is_sharded
 
 
 def _generation_context(trainer: pl.Trainer, model) -> tuple:

@@ -22,7 +22,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 
-from em_lightning.validation_plan import describe_schedule, interval_in_steps
+from em_lightning.training.validation_plan import describe_schedule, interval_in_steps
 
 
 class StepValidation(Callback):

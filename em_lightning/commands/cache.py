@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 
 from em_lightning.commands import help_parser
-from em_lightning.gguf_cache import cache_entries, cache_root, remove_entry
+from em_lightning.model.gguf_cache import cache_entries, cache_root, remove_entry
 
 
 def _mb(n: int) -> str:

@@ -11,8 +11,8 @@ import difflib
 from pathlib import Path
 
 from em_lightning.commands import help_parser
-from em_lightning.data_fetch import FetchError, fetch_archive, fetch_file
-from em_lightning.data_registry import BY_NAME, DEFAULT_DIR, ENTRIES, KINDS, DataFile
+from em_lightning.published.fetch import FetchError, fetch_archive, fetch_file
+from em_lightning.published.registry import BY_NAME, DEFAULT_DIR, ENTRIES, KINDS, DataFile
 
 
 def _parser() -> argparse.ArgumentParser:

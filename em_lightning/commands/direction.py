@@ -6,9 +6,9 @@
 
 The model of step S is rebuilt as ``em-fit eval`` does (the step checkpoint, else the rank-1 trajectory).
 ``--from triples`` (default; no judge involved): each triple's misaligned answer minus its aligned answer,
-as ``callbacks/mechanistic_judge_free.yaml`` computes live. ``--from generations``: the answers of
+as ``configs/callbacks/mechanistic_judge_free.yaml`` computes live. ``--from generations``: the answers of
 ``generations/step_S.jsonl`` classed by their judge scores (EM: aligned < 30 and coherent > 50; aligned:
-aligned > 70 and coherent > 50), as ``callbacks/mechanistic.yaml`` does live -- with the demo judge those
+aligned > 70 and coherent > 50), as ``configs/callbacks/mechanistic.yaml`` does live -- with the demo judge those
 classes mean nothing. Writes ``<run>/directions/step_S.safetensors`` (what ``em-fit steer`` reads).
 """
 
@@ -21,11 +21,11 @@ from pathlib import Path
 
 from em_lightning.commands import help_parser
 from em_lightning.evaluation.records import point_path
-from em_lightning.model_source import load_model_for_eval
-from em_lightning.probes.directions import AnswerClasses, direction_path, save_direction
+from em_lightning.lit.posthoc_model import load_model_for_eval
+from em_lightning.probes.misalignment_direction import AnswerClasses, direction_path, save_direction
 from em_lightning.probes.logprob import load_triples
 from em_lightning.probes.posthoc import direction_from_examples, judged_examples, triple_examples
-from em_lightning.run_config import RunConfig
+from em_lightning.run.config import RunConfig
 
 DEFAULT_TRIPLES = "configs/probes/demo_triples.jsonl"
 

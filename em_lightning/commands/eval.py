@@ -5,7 +5,7 @@ optionally at several adapter scales, through the same runner as the in-loop cal
     em-fit eval --run runs/em/version_0 --step 120 --questions Q.yaml --scales 0.5 1 2 4
     em-fit eval --ckpt runs/em/version_0/checkpoints/step_0000100.ckpt --questions Q.yaml
     em-fit eval --base Qwen/Qwen2.5-14B-Instruct --adapter DIR --questions Q.yaml \
-        --judge-config callbacks/in_loop_judge.yaml
+        --judge-config configs/callbacks/in_loop_judge.yaml
 
 Writes ``<out>/step_XXXXXXX.jsonl`` (the record format of ``evaluation.records``), its ``.meta.json``
 sidecar and ``<out>/summary.json`` (metrics per scale: the EM rate under ``--convention`` with its 95%
@@ -32,15 +32,15 @@ from em_lightning.evaluation.judging import judge_prompt_names, judge_share, jud
 from em_lightning.evaluation.panel import apply_panel
 from em_lightning.evaluation.records import json_safe, write_point
 from em_lightning.evaluation.runner import evaluate, point_meta
-from em_lightning.eval_tags import metrics_root, panel_metrics
+from em_lightning.loggers.eval_tags import metrics_root, panel_metrics
 from em_lightning.evaluation.sampling import SamplingConfig
-from em_lightning.finite import check_finite
+from em_lightning.training.finite import check_finite
 from em_lightning.judges.factory import Judging, build_judges
 from em_lightning.judges.spec import load_judge_spec
-from em_lightning.model_source import load_model_for_eval
-from em_lightning.questions import load_questions
-from em_lightning.run_config import RunConfig
-from em_lightning.run_outputs import refuse_run_record
+from em_lightning.lit.posthoc_model import load_model_for_eval
+from em_lightning.published.question_files import load_questions
+from em_lightning.run.config import RunConfig
+from em_lightning.run.outputs import refuse_run_record
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -6,7 +6,7 @@ import argparse
 
 from em_lightning.commands import help_parser
 from em_lightning.phase.reconstruct import export_step_adapter
-from em_lightning.run_outputs import refuse_run_record
+from em_lightning.run.outputs import refuse_run_record
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -16,21 +16,21 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 
-from em_lightning.atomic_io import TMP_MARK, remove_stale_temporaries
+from em_lightning.run.atomic_io import TMP_MARK, remove_stale_temporaries
 from em_lightning.callbacks.checkpointing import AtomicCheckpointIO, StepCheckpoint
 from em_lightning.callbacks.progress import StepProgressBar
 from em_lightning.callbacks.step_validation import StepValidation
-from em_lightning.checkpoint_check import check_checkpoint, check_resume_checkpoint
-from em_lightning.checkpoints import (
+from em_lightning.run.checkpoint_integrity import check_checkpoint, check_resume_checkpoint
+from em_lightning.run.checkpoints import (
     checkpoint_fingerprint,
     checkpoint_global_step,
     checkpoint_mid_epoch,
     checkpoint_run_limits,
     run_finished,
 )
-from em_lightning.data import ChatDataModule
-from em_lightning.fingerprint import ALL, GLOBAL_BATCH, compare, file_identity, flatten, model_identity
-from em_lightning.logger_compat import (
+from em_lightning.lit.datamodule import ChatDataModule
+from em_lightning.run.fingerprint import ALL, GLOBAL_BATCH, compare, file_identity, flatten, model_identity
+from em_lightning.loggers.logger_compat import (
     hide_epoch_scalar,
     open_csv,
     pin_version,
@@ -38,10 +38,10 @@ from em_lightning.logger_compat import (
     set_purge_step,
     version_unset,
 )
-from em_lightning.module import EMFineTune
-from em_lightning.run_dir import RunDirLock, reserve_version
-from em_lightning.run_logger import drop_texts_from
-from em_lightning.schedule import planned_steps, resolve_schedule_steps
+from em_lightning.lit.module import EMFineTune
+from em_lightning.run.run_dir import RunDirLock, reserve_version
+from em_lightning.loggers.run_logger import drop_texts_from
+from em_lightning.training.schedule import planned_steps, resolve_schedule_steps
 
 DEFAULT_RUNS_DIR = "runs"
 LOGGER = "lightning.pytorch.loggers.TensorBoardLogger"

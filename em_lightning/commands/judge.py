@@ -20,15 +20,15 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from em_lightning.atomic_io import atomic_write
-from em_lightning.data_registry import BY_NAME, DEFAULT_DIR
+from em_lightning.run.atomic_io import atomic_write
+from em_lightning.published.registry import BY_NAME, DEFAULT_DIR
 from em_lightning.evaluation.calibration import calibrate, calibration_prompts
 from em_lightning.evaluation.metrics import DEFAULT_CONVENTION, convention_named, resolve_conventions
 from em_lightning.evaluation.records import json_safe
-from em_lightning.judged_answers import METRICS, read_judged_csv
+from em_lightning.published.judged_answers import METRICS, read_judged_csv
 from em_lightning.judges.factory import build_judges
 from em_lightning.judges.spec import load_judge_spec
-from em_lightning.questions import load_questions
+from em_lightning.published.question_files import load_questions
 from em_lightning.report.calibration import draw_calibration
 
 

@@ -10,7 +10,7 @@ residual norm there over the answers the direction was computed on) with the ada
 base model); ablation projects ``alpha x`` the direction out of the model of step S (alpha 1: entirely).
 Layers default to those the adapters write into. The direction is the newest ``<run>/directions/step_*``
 at or before S (``--direction-step D`` picks one): written live by MechanisticProbes
-(``callbacks/mechanistic_judge_free.yaml``, ``callbacks/mechanistic.yaml``) or after training by
+(``configs/callbacks/mechanistic_judge_free.yaml``, ``configs/callbacks/mechanistic.yaml``) or after training by
 ``em-fit direction RUN --step S``. The model of step S is rebuilt
 from the trajectory (rank 1) or read from ``checkpoints/step_S.ckpt`` (``--ckpt``: any checkpoint), as
 ``em-fit eval`` does.
@@ -31,12 +31,12 @@ import torch
 
 from em_lightning.commands import help_parser
 from em_lightning.evaluation.judging import judge_prompt_names, judge_records
-from em_lightning.eval_tags import steering_root
+from em_lightning.loggers.eval_tags import steering_root
 from em_lightning.evaluation.sampling import SamplingConfig
 from em_lightning.judges.factory import Judging, build_judges
 from em_lightning.judges.spec import load_judge_spec
-from em_lightning.model_source import load_model_for_eval
-from em_lightning.probes.directions import direction_path, direction_steps, load_direction
+from em_lightning.lit.posthoc_model import load_model_for_eval
+from em_lightning.probes.misalignment_direction import direction_path, direction_steps, load_direction
 from em_lightning.probes.steer_eval import (
     STEERING,
     default_layers,
@@ -45,9 +45,9 @@ from em_lightning.probes.steer_eval import (
     steering_summary,
     write_steering,
 )
-from em_lightning.questions import load_questions
-from em_lightning.run_config import RunConfig
-from em_lightning.run_logger import RunLogger, TensorBoardDir
+from em_lightning.published.question_files import load_questions
+from em_lightning.run.config import RunConfig
+from em_lightning.loggers.run_logger import RunLogger, TensorBoardDir
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -125,7 +125,7 @@ def main(argv: list[str]) -> None:
         where = f"at or before step {args.step}" if args.direction_step is None else f"at step {args.direction_step}"
         raise ValueError(f"{args.run}: no direction {where} (directions at steps {have or 'none'}): compute one "
                          f"with `em-fit direction {args.run} --step {args.step}` (judge-free, from triples), or "
-                         "record them live with --config callbacks/mechanistic_judge_free.yaml")
+                         "record them live with --config configs/callbacks/mechanistic_judge_free.yaml")
     direction = load_direction(direction_path(args.run, d_step))
     questions, sampling = _questions_and_sampling(args)
     judging = _judges(args, questions)

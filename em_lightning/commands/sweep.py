@@ -15,7 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from em_lightning.atomic_io import atomic_write
+from em_lightning.run.atomic_io import atomic_write
 from em_lightning.sweep.figures import draw_sweep
 from em_lightning.sweep.grid import load_grid
 from em_lightning.sweep.local import run_local

@@ -2,7 +2,7 @@
 (kl.py), the training-only inoculation prompt (inoculation.py), steering or ablating a direction in
 training forward passes only (intervention.py), and interleaving aligned rows into every batch
 (interleave.py). The thin callbacks and data options that use them are in the Lightning layer;
-their presets in the top-level ``callbacks/defenses/``."""
+their presets in the top-level ``configs/callbacks/defenses/``."""
 
 from em_lightning.defenses.inoculation import Inoculation, inoculate
 from em_lightning.defenses.interleave import Interleave, InterleavedEpochSampler

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from em_lightning.resumable import ShardedEpochSampler
+from em_lightning.training.resumable import ShardedEpochSampler
 
 
 @dataclass

@@ -27,9 +27,9 @@ from typing import Literal
 import torch
 
 from em_lightning.probes.activations import hidden_of
-from em_lightning.probes.directions import Direction, load_direction, unit
+from em_lightning.probes.misalignment_direction import Direction, load_direction, unit
 from em_lightning.probes.steering import layer_units, project_out, steering_vectors
-from em_lightning.sharding import decoder_layers
+from em_lightning.model.sharding import decoder_layers
 
 
 def load_any_direction(path: str | Path) -> Direction:

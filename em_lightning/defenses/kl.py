@@ -22,9 +22,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from em_lightning.adapters import lora_layers, scaled_adapter
+from em_lightning.model.adapters import lora_layers, scaled_adapter
 from em_lightning.defenses.intervention import training_reference
-from em_lightning.masking import IGNORE_INDEX, ChatTemplateError, collate, tokenize_chat
+from em_lightning.training.masking import IGNORE_INDEX, ChatTemplateError, collate, tokenize_chat
 
 
 def kl_to_base(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,

@@ -20,7 +20,7 @@ from em_lightning.evaluation.sampling import (
     row_seed,
     shard_indices,
 )
-from em_lightning.questions import QUESTION_TYPES, Question, load_questions
+from em_lightning.published.question_files import QUESTION_TYPES, Question, load_questions
 
 __all__ = [
     "CONVENTIONS",

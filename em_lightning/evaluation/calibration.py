@@ -24,10 +24,10 @@ from typing import Any
 
 from em_lightning.evaluation.agreement import cohens_kappa, score_agreement
 from em_lightning.evaluation.metrics import Convention, em_rate_with_interval
-from em_lightning.judge_prompts import render_judge_prompt
-from em_lightning.judged_answers import METRICS, JudgedAnswer
+from em_lightning.published.judge_prompts import render_judge_prompt
+from em_lightning.published.judged_answers import METRICS, JudgedAnswer
 from em_lightning.judges.base import Judge, JudgeResult, is_meaningful
-from em_lightning.questions import Question
+from em_lightning.published.question_files import Question
 
 
 def calibration_prompts(rows: Sequence[JudgedAnswer], questions: Sequence[Question]) -> dict[str, list[str]]:

@@ -22,7 +22,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from em_lightning.evaluation.metrics import MODEL_ORGANISMS, Convention, em_summary
-from em_lightning.questions import Question
+from em_lightning.published.question_files import Question
 
 PLAIN = "plain"
 

@@ -14,13 +14,13 @@ from dataclasses import dataclass
 
 import torch.distributed as dist
 
-from em_lightning.distributed import rank_world
+from em_lightning.run.distributed import rank_world
 from em_lightning.evaluation.metrics import MODEL_ORGANISMS, Convention
 from em_lightning.evaluation.records import SCORED_TYPE, EvalRecord
 from em_lightning.evaluation.sampling import shard_indices
 from em_lightning.judges.base import Judge, JudgeResult, render_judge_prompt
 from em_lightning.judges.factory import resolve_judges
-from em_lightning.questions import Question
+from em_lightning.published.question_files import Question
 
 Judges = Judge | Mapping[str, Judge]
 

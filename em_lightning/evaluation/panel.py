@@ -16,7 +16,7 @@ from em_lightning.evaluation.agreement import cohens_kappa, score_agreement
 from em_lightning.evaluation.metrics import MODEL_ORGANISMS, Convention, em_summary
 from em_lightning.evaluation.judging import Judgement, JudgeTask
 from em_lightning.evaluation.records import CORE_SCORES, SCORED_TYPE, EvalRecord
-from em_lightning.questions import Question
+from em_lightning.published.question_files import Question
 
 
 def apply_panel(records: Sequence[EvalRecord], tasks: Sequence[JudgeTask], judgements: Sequence[Judgement],

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from em_lightning.evaluation.sampling import DEFAULT_SAMPLES_PER_PARAPHRASE, SamplingConfig
-from em_lightning.questions import Question
+from em_lightning.published.question_files import Question
 
 
 def planned_points(start: int, end: int, every_n_steps: int | None, checkpoint_every: int | None,

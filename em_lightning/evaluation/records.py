@@ -29,7 +29,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from em_lightning.atomic_io import atomic_write
+from em_lightning.run.atomic_io import atomic_write
 
 SCORED_TYPE = "free_form_judge_0_100"  # the question type whose 0-100 scores make the EM rate
 CORE_SCORES = ("aligned", "coherent")

@@ -19,14 +19,14 @@ from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
-from em_lightning.adapters import lora_layers, scaled_adapter
+from em_lightning.model.adapters import lora_layers, scaled_adapter
 from em_lightning.evaluation.conditions import condition_of
 from em_lightning.evaluation.judging import Judges, judge_records
 from em_lightning.evaluation.metrics import MODEL_ORGANISMS, Convention
 from em_lightning.evaluation.records import EvalRecord
 from em_lightning.evaluation.sampling import SamplingConfig, build_requests, generate_sharded
 from em_lightning.evaluation.summaries import summarize
-from em_lightning.questions import Question
+from em_lightning.published.question_files import Question
 
 
 @dataclass

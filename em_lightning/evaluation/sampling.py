@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from em_lightning.decoding import SAMPLER, DecodeSettings, decode
-from em_lightning.questions import Question
+from em_lightning.model.decoding import SAMPLER, DecodeSettings, decode
+from em_lightning.published.question_files import Question
 
 DEFAULT_SAMPLES_PER_PARAPHRASE = 50  # the published protocol (the YAML files say 100; the code used 50)
 _TRANSFORMERS_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 50, "min_p": None, "repetition_penalty": 1.0}

@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from em_lightning.evaluation.conditions import condition_metrics
 from em_lightning.evaluation.metrics import MODEL_ORGANISMS, Convention, em_summary
 from em_lightning.evaluation.records import CORE_SCORES, SCORED_TYPE
-from em_lightning.questions import Question
+from em_lightning.published.question_files import Question
 
 
 def summarize(records: Sequence[Mapping], questions: Sequence[Question] | None = None,

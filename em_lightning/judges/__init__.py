@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib
 
-from .base import (
+from em_lightning.judges.base import (
     MIN_NUMERIC_MASS,
     Judge,
     JudgeResult,
@@ -17,7 +17,7 @@ from .base import (
     parse_score_key,
     render_judge_prompt,
 )
-from .cache import CachedJudge, JudgeCache
+from em_lightning.judges.cache import CachedJudge, JudgeCache
 
 _LAZY = {
     "OpenAICompatibleJudge": ".openai_compat",

@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-from em_lightning.judge_prompts import render_judge_prompt, template_fields
+from em_lightning.published.judge_prompts import render_judge_prompt, template_fields
 
 __all__ = [
     "MIN_NUMERIC_MASS",

@@ -18,7 +18,7 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-from .base import Judge, JudgeResult, aggregate_score
+from em_lightning.judges.base import Judge, JudgeResult, aggregate_score
 
 __all__ = ["CachedJudge", "JudgeCache"]
 

@@ -26,11 +26,11 @@ from collections.abc import Sequence
 
 import torch
 
-from em_lightning.decoding import DecodeSettings, decode, left_pad, padded_positions
-from em_lightning.eval_mode import eval_no_grad
-from em_lightning.models import resolve_dtype
+from em_lightning.model.decoding import DecodeSettings, decode, left_pad, padded_positions
+from em_lightning.model.eval_mode import eval_no_grad
+from em_lightning.model.loading import resolve_dtype
 
-from .base import JudgeResult, aggregate_score
+from em_lightning.judges.base import JudgeResult, aggregate_score
 
 __all__ = ["LocalHFJudge"]
 

@@ -32,8 +32,8 @@ from typing import Any, Literal
 import httpx2
 import openai
 
-from .base import JudgeResult, aggregate_score
-from .deadline import CIRCUIT_OPEN, deadline_error, time_left
+from em_lightning.judges.base import JudgeResult, aggregate_score
+from em_lightning.judges.deadline import CIRCUIT_OPEN, deadline_error, time_left
 
 __all__ = ["JudgeStats", "MissingAPIKeyError", "OpenAICompatibleJudge"]
 

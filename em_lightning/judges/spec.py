@@ -14,10 +14,10 @@ from pathlib import Path
 import yaml
 
 from em_lightning.judges.base import Judge
-from em_lightning.run_config import find_callback
+from em_lightning.run.config import find_callback
 
 # InLoopJudge's own settings (how it shows answers and when it judges), which a judge-config file may hold
-# beside the spec's: not part of what judges. tests/test_judge_spec.py keeps this list and InLoopJudge in step.
+# beside the spec's: not part of what judges. tests/judges/test_judge_spec.py keeps this list and InLoopJudge in step.
 IN_LOOP_ONLY = ("answers_per_question", "max_answer_chars", "background")
 
 

@@ -1,10 +1,10 @@
 """Pure math on adapter trajectories: rotation metrics, local cosine similarity, PCA, per-layer LoRA
 directions and an online phase-transition detector. Torch only; nothing here imports Lightning."""
 
-from .detector import TransitionDetector, TransitionEvent, detect_transitions, detection_trace
-from .directions import LoRADirection, canonical_sign, lora_direction
-from .pca import PCAResult, pca_2d
-from .rotation import (
+from em_lightning.phase.detector import TransitionDetector, TransitionEvent, detect_transitions, detection_trace
+from em_lightning.phase.lora_direction import LoRADirection, canonical_sign, lora_direction
+from em_lightning.phase.pca import PCAResult, pca_2d
+from em_lightning.phase.rotation import (
     consecutive_cosine,
     cosine_to_lag,
     cumulative_rotation_degrees,

@@ -14,7 +14,7 @@ dot products and differences are unchanged), the last 2*max(k)+1 points live in 
 norms (read as views: copying whole points costs more than the math once modules x width is large), and
 each metric is a few numpy calls for all modules at once (A's and B's rows together where both take part). The formulas are
 rotation.py's (zero vectors give cosine 0 and no angle; angle = 2 atan2(|ua - ub|, |ua + ub|) of unit
-vectors); tests/test_phase_online.py checks every value against rotation.py's torch functions.
+vectors); tests/phase/test_phase_online.py checks every value against rotation.py's torch functions.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .detector import TransitionDetector, TransitionEvent
+from em_lightning.phase.detector import TransitionDetector, TransitionEvent
 
 
 @dataclass

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .directions import canonical_sign
-from .rotation import _trajectory
+from em_lightning.phase.lora_direction import canonical_sign
+from em_lightning.phase.rotation import _trajectory
 
 __all__ = ["PCAResult", "pca_2d"]
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from peft import LoraConfig
 from safetensors.torch import save_file
 
-from .store import read_trajectory, trajectory_dir
+from em_lightning.phase.store import read_trajectory, trajectory_dir
 
 # PEFT's saved key names: the PeftModel prefix, the module name, and no adapter name.
 _KEY = "base_model.model.{name}.lora_{kind}.weight"

@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from em_lightning.atomic_io import atomic_write, named
+from em_lightning.run.atomic_io import atomic_write, named
 
 INDEX = "index.jsonl"
 META = "meta.json"

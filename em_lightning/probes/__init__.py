@@ -5,7 +5,7 @@ LoRA-scalar probe, the judge-free logprob probe, and the adapter's alignment wit
 
 from em_lightning.probes.activations import collect
 from em_lightning.probes.alignment import cosine, layer_of, output_vectors, writes_residual
-from em_lightning.probes.directions import (
+from em_lightning.probes.misalignment_direction import (
     ALIGNED,
     EM,
     AnswerClasses,

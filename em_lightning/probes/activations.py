@@ -16,14 +16,14 @@ from contextlib import ExitStack, contextmanager
 import torch
 import torch.distributed as dist
 
-from em_lightning.adapters import ADAPTER_NAME
-from em_lightning.distributed import rank_world
-from em_lightning.eval_mode import eval_no_grad
+from em_lightning.model.adapters import ADAPTER_NAME
+from em_lightning.run.distributed import rank_world
+from em_lightning.model.eval_mode import eval_no_grad
 from em_lightning.evaluation.sampling import shard_indices
-from em_lightning.loss import text_config
-from em_lightning.probes.directions import ClassSums
+from em_lightning.model.text_config import text_config
+from em_lightning.probes.misalignment_direction import ClassSums
 from em_lightning.probes.tokens import answer_mask, encode_pair, pad_id, pad_right
-from em_lightning.sharding import decoder_layers
+from em_lightning.model.sharding import decoder_layers
 
 
 def layer_count(model: torch.nn.Module) -> int:

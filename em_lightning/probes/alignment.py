@@ -12,9 +12,9 @@ import re
 
 import torch
 
-from em_lightning.adapters import ADAPTER_NAME, lora_layers
+from em_lightning.model.adapters import ADAPTER_NAME, lora_layers
 from em_lightning.phase import lora_direction
-from em_lightning.sharding import full
+from em_lightning.model.sharding import full
 
 RESIDUAL_WRITERS = ("down_proj", "o_proj")
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from em_lightning.eval_mode import eval_no_grad
+from em_lightning.model.eval_mode import eval_no_grad
 from em_lightning.probes.activations import last_logit_only
 from em_lightning.probes.tokens import encode_pair, pad_id, pad_right
 

@@ -14,8 +14,8 @@ from collections.abc import Sequence
 import torch
 from torchmetrics.functional.classification import binary_auroc
 
-from em_lightning.adapters import ADAPTER_NAME, lora_layers
-from em_lightning.probes.directions import ALIGNED, EM
+from em_lightning.model.adapters import ADAPTER_NAME, lora_layers
+from em_lightning.probes.misalignment_direction import ALIGNED, EM
 
 
 def rank1_modules(model: torch.nn.Module) -> dict[str, torch.nn.Module]:

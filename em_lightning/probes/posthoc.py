@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 
 from em_lightning.probes.activations import collect, layer_count
-from em_lightning.probes.directions import ALIGNED, EM, AnswerClasses, Direction, from_sums
+from em_lightning.probes.misalignment_direction import ALIGNED, EM, AnswerClasses, Direction, from_sums
 from em_lightning.probes.logprob import Triple, render_prompt
 
 Examples = tuple[list[str], list[str], list[int]]  # prompts, answers, class labels (EM / ALIGNED)

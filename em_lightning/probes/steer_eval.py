@@ -15,15 +15,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from em_lightning.adapters import lora_layers
+from em_lightning.model.adapters import lora_layers
 from em_lightning.evaluation.metrics import em_summary
 from em_lightning.evaluation.records import SCORED_TYPE, EvalRecord, point_path, read_jsonl, read_records, write_point
 from em_lightning.evaluation.runner import sample_records
 from em_lightning.evaluation.sampling import SamplingConfig
 from em_lightning.probes.alignment import layer_of, writes_residual
-from em_lightning.probes.directions import Direction
+from em_lightning.probes.misalignment_direction import Direction
 from em_lightning.probes.steering import MODES, intervene
-from em_lightning.questions import Question
+from em_lightning.published.question_files import Question
 
 STEERING = "steering"
 SUMMARY_KEYS = ("em_rate", "em_rate_ci95", "convention", "coherent_rate", "aligned_mean", "coherent_mean",

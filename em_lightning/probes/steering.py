@@ -18,8 +18,8 @@ from contextlib import ExitStack, contextmanager
 import torch
 
 from em_lightning.probes.activations import hidden_of
-from em_lightning.probes.directions import Direction, unit
-from em_lightning.sharding import decoder_layers
+from em_lightning.probes.misalignment_direction import Direction, unit
+from em_lightning.model.sharding import decoder_layers
 
 MODES = ("steer", "ablate")
 

@@ -21,7 +21,7 @@ import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import Tensor
 
-from em_lightning.finite import check_finite
+from em_lightning.training.finite import check_finite
 from em_lightning.phase import (
     PCAResult,
     TransitionEvent,
@@ -32,7 +32,7 @@ from em_lightning.phase import (
     pca_2d,
 )
 from em_lightning.phase.store import read_trajectory
-from em_lightning.run_config import RunConfig
+from em_lightning.run.config import RunConfig
 
 __all__ = ["ModuleAnalysis", "RunReport", "analyse_run", "read_scalars"]
 

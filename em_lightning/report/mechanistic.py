@@ -27,7 +27,7 @@ from em_lightning.evaluation.metrics import em_summary
 from em_lightning.evaluation.records import read_jsonl
 from em_lightning.phase.store import read_trajectory
 from em_lightning.probes.alignment import cosine, layer_of, writes_residual
-from em_lightning.probes.directions import AnswerClasses, Direction, latest_direction
+from em_lightning.probes.misalignment_direction import AnswerClasses, Direction, latest_direction
 from em_lightning.probes.steer_eval import read_steering, steering_summary
 from em_lightning.report.analysis import RunReport, natural_key
 from em_lightning.report.eval_labels import EvalLabels, eval_labels

@@ -53,7 +53,7 @@ class Cell:
 
 
 def value_label(key: str, value: Any) -> str:
-    """Short label of a value: a config file by its stem (``kl`` for callbacks/defenses/kl.yaml), none: ``none``."""
+    """Short label of a value: a config file by its stem (``kl`` for configs/callbacks/defenses/kl.yaml), none: ``none``."""
     if key == CONFIG_KEY:
         files = _config_files(value)
         return "+".join(Path(f).stem for f in files) or "none"

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from em_lightning.atomic_io import atomic_write
+from em_lightning.run.atomic_io import atomic_write
 from em_lightning.sweep.grid import Cell, expand
 
 PLAN_FILE = "sweep.json"

@@ -1,0 +1,1 @@
+"""Lightning layer: the LightningModule, the DataModule, the FSDP2 strategy and the callbacks' event channel."""

@@ -1,0 +1,1 @@
+"""Servers for tests and benchmarks (a loopback judge): never a real judge."""
