@@ -7,7 +7,7 @@ BASE, LIBRARIES, LIGHTNING, COMMANDS, CLI = 2, 3, 4, 5, 6
 
 LAYERS: dict[str, float] = {
     # base: no Lightning, no other em_lightning layer
-    "": BASE, "layers": BASE, "model": BASE, "training": BASE, "run": BASE, "published": BASE,
+    "": BASE, "layers": BASE, "legacy_paths": BASE, "model": BASE, "training": BASE, "run": BASE, "published": BASE,
     "testing": BASE,
     # libraries: no Lightning; the fraction orders them
     "judges": LIBRARIES, "phase": LIBRARIES, "evaluation": LIBRARIES + 0.1, "demos": LIBRARIES + 0.1,
