@@ -53,3 +53,17 @@ def pytest_sessionstart(session):
 @pytest.fixture(scope="session")
 def reference_dir() -> Path:
     return REFERENCE_DIR
+
+
+E2E = Path(__file__).resolve().parent / "e2e"
+
+
+def pytest_collection_modifyitems(config, items):
+    """tests/e2e/ (em-fit in subprocesses, several ranks) and the real-model tier are slow by nature: marked
+    here, so `-m "not slow"` is the fast inner loop without a marker on every test."""
+    for item in items:
+        if E2E in Path(item.path).parents:
+            item.add_marker(pytest.mark.e2e)
+            item.add_marker(pytest.mark.slow)
+        if item.get_closest_marker("real"):
+            item.add_marker(pytest.mark.slow)

@@ -242,6 +242,7 @@ def _check_run(run_dir):
     return points
 
 
+@pytest.mark.slow
 def test_cli_demo_preset(cli_run):
     points = _check_run(cli_run)
     assert sorted(points) == [3, 6]  # checkpoints (every 10 steps is not reached)
@@ -278,6 +279,7 @@ def test_cli_eval_of_run_final_adapter(cli_run, tmp_path):
     assert got == want
 
 
+@pytest.mark.slow
 def test_cli_ddp_two_processes(cli_run, tmp_path):
     ok(em_fit("fit", *CLI, "--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.accelerator", "cpu",
               "--trainer.default_root_dir", str(tmp_path), timeout=600))

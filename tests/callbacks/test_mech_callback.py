@@ -72,6 +72,7 @@ def _labelled(run_dir, step, classes):
     return [(r, y) for r in records if (y := classes.label(r["scores"])) is not None]
 
 
+@pytest.mark.slow
 def test_ddp_direction_equals_one_process_recomputation(ddp_run, tmp_path):
     classes = AnswerClasses(aligned_above=DEMO["aligned_above"])
     for step in (3, 6):

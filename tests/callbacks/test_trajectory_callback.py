@@ -199,6 +199,7 @@ def test_detector_event_reaches_subscribers(rank_zero):
     assert len(logger.texts) == (1 if rank_zero else 0)
 
 
+@pytest.mark.slow
 def test_cli_preset(tmp_path, repo_root):
     preset = str(repo_root / "configs" / "callbacks" / "phase_transition.yaml")
     ok(em_fit("fit", "--config", SMOKE, "--config", preset, "--trainer.max_steps", "6",

@@ -67,6 +67,7 @@ def lora_run(gemma_folder, tmp_path_factory, repo_root):
     return run_dir
 
 
+@pytest.mark.slow
 def test_lora_run_trajectory_sampling_and_export(lora_run, gemma_folder):
     traj = read_trajectory(lora_run)
     assert list(traj.b) == ["model.language_model.layers.2.mlp.down_proj"]
@@ -101,6 +102,7 @@ def test_lora_run_trajectory_sampling_and_export(lora_run, gemma_folder):
     assert torch.allclose(tuned, final_step, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_full_finetune_run_exports_a_model_that_reloads(gemma_folder, tmp_path):
     proc = ok(em_fit("fit", "--config", SMOKE, "--model.base.name_or_path", str(gemma_folder),
                      "--model.adapter.kind", "full", "--model.lr", "1e-3", "--trainer.max_steps", "3",

@@ -117,6 +117,7 @@ def test_models_module_imports_no_bitsandbytes():
     assert out.stdout.strip() == "False"
 
 
+@pytest.mark.slow
 def test_cli_missing_gguf_is_one_line(tmp_path):
     missing = tmp_path / "m.gguf"
     proc = em_fit("fit", "--config", SMOKE, "--model.base.name_or_path", str(missing),

@@ -68,6 +68,7 @@ def test_hub_id_is_read_from_gguf_metadata(tmp_path):
     assert source_hub_id(tmp_path / "missing.gguf") is None
 
 
+@pytest.mark.slow
 def test_cache_list_and_clean(cache, tmp_path):
     folder = cached_fp32_folder(cache)
     gone = tmp_path / "gone.gguf"
