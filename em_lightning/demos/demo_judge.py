@@ -28,7 +28,8 @@ from pathlib import Path
 
 import torch
 
-from em_lightning.model.decoding import left_pad, padded_positions
+from em_lightning.model.decoding import padded_positions
+from em_lightning.model.padding import pad_sequences
 from em_lightning.published.question_files import load_questions
 from em_lightning.model.tiny import CORPUS_WORDS, TinySpec, tiny_model, tiny_tokenizer
 
@@ -127,7 +128,7 @@ class DemoJudge(LocalHFJudge):
 
     def _hidden(self, prompts: Sequence[str], extra: Sequence[int] = ()) -> torch.Tensor:
         """Final hidden state at the last position of each judge prompt (+ extra answer tokens)."""
-        ids, mask = left_pad([self.encode(p) + list(extra) for p in prompts], self._pad_id)
+        ids, mask = pad_sequences([self.encode(p) + list(extra) for p in prompts], self._pad_id, "left")
         with torch.no_grad():
             out = self.model.model(input_ids=ids, attention_mask=mask, position_ids=padded_positions(mask))
         return out.last_hidden_state[:, -1].double()

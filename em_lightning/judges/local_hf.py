@@ -26,7 +26,8 @@ from collections.abc import Sequence
 
 import torch
 
-from em_lightning.model.decoding import DecodeSettings, decode, left_pad, padded_positions
+from em_lightning.model.decoding import DecodeSettings, decode, padded_positions
+from em_lightning.model.padding import pad_sequences
 from em_lightning.model.eval_mode import eval_no_grad
 from em_lightning.model.loading import resolve_dtype
 
@@ -176,7 +177,7 @@ class LocalHFJudge:
     def _number_logprobs(self, batch: list[list[int]]) -> torch.Tensor:
         """(B, 101) float64 log P(n) as defined in the module docstring, one forward for the batch."""
         trie, dev = self._trie, self._device
-        prompt, prompt_mask = left_pad(batch, self._pad_id, dev)
+        prompt, prompt_mask = pad_sequences(batch, self._pad_id, "left", dev)
         b, width, n = len(batch), prompt.shape[1], trie.size
         lens = prompt_mask.sum(1)
         pad = width - lens
@@ -230,7 +231,7 @@ class LocalHFJudge:
     def _greedy(self, batch: list[list[int]]) -> tuple[list[str], list[dict[str, float]]]:
         """Greedy labels with the project's KV-cached decoder (no generate(): its config merging may turn
         sampling on), and the first answer token's distribution (one more prefill of the prompts)."""
-        ids, attn = left_pad(batch, self._pad_id, self._device)
+        ids, attn = pad_sequences(batch, self._pad_id, "left", self._device)
         out = self.model(input_ids=ids, attention_mask=attn, position_ids=padded_positions(attn), logits_to_keep=1)
         first = out.logits[:, -1].float().softmax(-1)
         settings = DecodeSettings(temperature=0.0, max_new_tokens=self.classify_max_new_tokens)

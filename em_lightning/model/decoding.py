@@ -42,8 +42,10 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-SAMPLER = "inverse-cdf/splitmix64-v2"
-TIE_SLACK = 16  # candidates fetched beyond top_k (bf16 ties at the k-th value: 69% of SmolLM2's rows)  # written to each point's settings: which random scheme made the answers
+from em_lightning.model.padding import pad_sequences
+
+SAMPLER = "inverse-cdf/splitmix64-v2"  # written to each point's settings: which random scheme made the answers
+TIE_SLACK = 16  # candidates fetched beyond top_k (bf16 ties at the k-th value: 69% of SmolLM2's rows)
 
 _M64 = (1 << 64) - 1
 _GAMMA, _MIX1, _MIX2 = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
@@ -275,18 +277,6 @@ def _history(ids: torch.Tensor, mask: torch.Tensor, vocab: int, extra: int) -> t
     return torch.cat([hist, last.expand(-1, extra)], dim=1)
 
 
-def left_pad(seqs: Sequence[Sequence[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids, attention mask) of token lists padded on the left: the last column is every row's last
-    token, which is where a causal LM's next-token logits are read (decoding, judging)."""
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, width - len(s) :] = torch.tensor(list(s), dtype=torch.long)
-        mask[i, width - len(s) :] = 1
-    return ids.to(device), mask.to(device)
-
-
 def padded_positions(mask: torch.Tensor) -> torch.Tensor:
     """Position ids of a left-padded batch: 0 at each row's first real token."""
     return (mask.cumsum(-1) - 1).clamp(min=0)
@@ -312,7 +302,7 @@ def decode(
     cache_kw, has_keep = _forward_names(model)
     keep = {"logits_to_keep": 1} if has_keep else {}
     n_new = settings.max_new_tokens
-    ids, mask = left_pad(prompts, pad_id, device)
+    ids, mask = pad_sequences(prompts, pad_id, "left", device)
     width = ids.shape[1]
     positions = padded_positions(mask)
     cache = _new_cache(model, width + n_new)

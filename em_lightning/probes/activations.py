@@ -22,7 +22,8 @@ from em_lightning.model.eval_mode import eval_no_grad
 from em_lightning.evaluation.sampling import shard_indices
 from em_lightning.model.text_config import text_config
 from em_lightning.probes.misalignment_direction import ClassSums
-from em_lightning.probes.tokens import answer_mask, encode_pair, pad_id, pad_right
+from em_lightning.model.padding import pad_sequences
+from em_lightning.probes.tokens import answer_mask, encode_pair, pad_id
 from em_lightning.model.sharding import decoder_layers
 
 
@@ -96,13 +97,13 @@ def collect(
     rank, world = rank_world()
     mine = shard_indices(len(prompts), rank, world)  # None: padding, so every rank runs as many batches
     state: dict = {"mean": [None] * len(layers), "norm": [None] * len(layers), "lora": {}}
-    pad, extra = pad_id(tokenizer), last_logit_only(model)
+    pad_value, extra = pad_id(tokenizer), last_logit_only(model)
     with eval_no_grad(model), _capture(model, layers, lora, state):
         for start in range(0, len(mine), batch_size):
             batch = mine[start : start + batch_size]
             rows = [i if i is not None else 0 for i in batch]
             encoded = [encode_pair(tokenizer, prompts[i], answers[i], max_tokens) for i in rows]
-            ids, attention = pad_right([e[0] for e in encoded], pad, device)
+            ids, attention = pad_sequences([e[0] for e in encoded], pad_value, "right", device)
             state["mask"] = answer_mask([e[1] for e in encoded], [len(e[0]) for e in encoded], ids.shape[1], device)
             model(input_ids=ids, attention_mask=attention, use_cache=False, **extra)
             means = torch.stack(state["mean"], dim=1)  # (rows, layers, d)

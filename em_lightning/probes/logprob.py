@@ -26,7 +26,8 @@ import torch
 
 from em_lightning.model.eval_mode import eval_no_grad
 from em_lightning.probes.activations import last_logit_only
-from em_lightning.probes.tokens import encode_pair, pad_id, pad_right
+from em_lightning.model.padding import pad_sequences
+from em_lightning.probes.tokens import encode_pair, pad_id
 
 _FIELDS = ("id", "question", "aligned", "misaligned")
 
@@ -79,13 +80,13 @@ def answer_logprobs(model, tokenizer, prompts: Sequence[str], answers: Sequence[
                     max_tokens: int = 512) -> torch.Tensor:
     """(n,) mean per-token log-likelihood of each answer after its prompt (float64, on CPU)."""
     device = next(model.parameters()).device
-    pad, out = pad_id(tokenizer), []
+    pad_value, out = pad_id(tokenizer), []
     positions_ok = "logits_to_keep" in last_logit_only(model)
     with eval_no_grad(model):
         for start in range(0, len(prompts), batch_size):
             encoded = [encode_pair(tokenizer, p, a, max_tokens)
                        for p, a in zip(prompts[start : start + batch_size], answers[start : start + batch_size])]
-            ids, attention = pad_right([e[0] for e in encoded], pad, device)
+            ids, attention = pad_sequences([e[0] for e in encoded], pad_value, "right", device)
             # logits at t predict token t + 1: answer tokens s..n-1 are predicted at positions s-1..n-2
             needed = sorted({t for seq, s in encoded for t in range(s - 1, len(seq) - 1)})
             column = {t: k for k, t in enumerate(needed)} if positions_ok else {t: t for t in range(ids.shape[1])}

@@ -19,18 +19,6 @@ def encode_pair(tokenizer, prompt: str, answer: str, max_tokens: int = 512) -> t
     return prompt_ids + answer_ids[:keep], len(prompt_ids)
 
 
-def pad_right(seqs: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input_ids, attention_mask), right-padded: real tokens keep positions 0..n-1 without position ids,
-    and a causal model's real positions never attend to padding."""
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(list(s), dtype=torch.long)
-        mask[i, : len(s)] = 1
-    return ids.to(device), mask.to(device)
-
-
 def answer_mask(starts: Sequence[int], lengths: Sequence[int], width: int, device) -> torch.Tensor:
     """(rows, width) float mask of answer positions (start <= t < length)."""
     t = torch.arange(width, device=device)[None, :]

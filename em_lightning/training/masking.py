@@ -13,6 +13,8 @@ import torch
 from jinja2 import TemplateError
 from transformers import PreTrainedTokenizerBase
 
+from em_lightning.model.padding import pad_sequences
+
 IGNORE_INDEX = -100
 
 
@@ -66,13 +68,6 @@ def tokenize_chat(
 
 def collate(batch: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad to the longest row of the batch (dynamic padding)."""
-    width = max(len(b["input_ids"]) for b in batch)
-    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for i, b in enumerate(batch):
-        n = len(b["input_ids"])
-        ids[i, :n] = torch.tensor(b["input_ids"])
-        labels[i, :n] = torch.tensor(b["labels"])
-        mask[i, :n] = 1
+    ids, mask = pad_sequences([b["input_ids"] for b in batch], pad_id)
+    labels, _ = pad_sequences([b["labels"] for b in batch], IGNORE_INDEX)
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
