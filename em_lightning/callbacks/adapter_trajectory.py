@@ -90,7 +90,7 @@ class AdapterTrajectory(pl.Callback):
         self._dir = None
         self._factors: list = []  # (name, A weight, B weight), found once: walking the model each step is not free
         self._writer: TrajectoryWriter | None = None
-        self._quiet = False  # True while a run started in this process has detected no transition
+        self._quiet = False  # True while the run (resumed or not) has detected no transition
         self._held: list[tuple[int, dict[str, float], list[str]]] = []  # (step, scalars, texts) before _ckpt_step
         self._ckpt_step: int | None = None  # step of the newest checkpoint (saved, or resumed from)
         self._relogged = False
@@ -149,7 +149,8 @@ class AdapterTrajectory(pl.Callback):
             if not self._restored:  # the TEXT tab says "none so far" instead of showing nothing
                 self._quiet = True
                 RunLogger.of(trainer).text(TRANSITIONS, no_transition_text(step, final=False), step)
-            if self._restored:
+            if self._restored:  # the checkpoint's detectors say whether the run has turned before it
+                self._quiet = not any(d.fired for d in self._online.detectors.values())
                 self._check_continuity(step)
         self._relog_checkpoint_point(trainer)
         if (self.last_step is None or self.last_step < step) and step % self.every_n_steps == 0:
@@ -187,7 +188,7 @@ class AdapterTrajectory(pl.Callback):
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._flush(trainer, held=True)
-        if self._quiet and trainer.is_global_zero:  # a whole run (not resumed) without a detected turn
+        if self._quiet and trainer.is_global_zero:  # a run without a detected turn says so at its end
             RunLogger.of(trainer).text(TRANSITIONS, no_transition_text(trainer.global_step, True), trainer.global_step)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
