@@ -74,7 +74,7 @@ def open_csv(logger) -> bool:
     kept = io.StringIO()
     out = csv.DictWriter(kept, fieldnames=header)
     out.writeheader()
-    out.writerows(row for row in rows if until is None or int(float(row["step"])) < until)
+    out.writerows(row for row in rows if (step := _row_step(row)) is not None and (until is None or step < until))
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Experiment logs directory")
         writer = logger.experiment  # deletes metrics.csv
@@ -82,6 +82,17 @@ def open_csv(logger) -> bool:
         atomic_write(path, kept.getvalue())
         writer.metrics_keys = header  # keys logged later are merged into it (Lightning rewrites the file then)
     return True
+
+
+def _row_step(row: dict) -> int | None:
+    """A metrics.csv row's step; None for a row torn by a killed run (its last write, half done: fewer fields
+    than the header, which csv.DictReader fills with None, or a step that is not a number)."""
+    if None in row.values() or None in row:
+        return None
+    try:
+        return int(float(row.get("step") or ""))
+    except ValueError:
+        return None
 
 
 def write_scalars(logger, metrics: Mapping[str, float], step: int) -> None:

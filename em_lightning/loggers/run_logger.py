@@ -158,9 +158,18 @@ def drop_texts_from(logger, step: int) -> None:
     if path is None or not path.is_file():
         return
     lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
-    kept = [line for line in lines if line.strip() and json.loads(line)["step"] < step]
+    kept = [line for line in lines if (row := _text_row(line)) is not None and row["step"] < step]
     if len(kept) < len(lines):
         atomic_write(path, "".join(kept))
+
+
+def _text_row(line: str) -> dict | None:
+    """A texts.jsonl row; None for a blank line or one torn by a killed run (its last write, half done)."""
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return None
+    return row if isinstance(row, dict) and isinstance(row.get("step"), int) else None
 
 
 def _floats(values: list) -> list[float]:

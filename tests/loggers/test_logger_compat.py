@@ -71,6 +71,20 @@ def test_csv_resume_keeps_the_rows_before_the_purge_step(tmp_path, recwarn):
     assert not [w for w in recwarn if "Experiment logs directory" in str(w.message)]
 
 
+def test_csv_resume_after_kill_9_drops_the_torn_last_row(tmp_path):
+    """A run killed while Lightning wrote metrics.csv leaves half a row: the resume drops it, keeps the rest."""
+    first = CSVLogger(tmp_path, name="run", version=0)
+    for step in range(3):
+        first.log_metrics({"train/loss": float(step)}, step=step)
+    first.save()
+    path = tmp_path / "run" / "version_0" / "metrics.csv"
+    path.write_text(path.read_text() + "1")  # the killed write: "1,0.5" cut after its step
+    resumed = CSVLogger(tmp_path, name="run", version=0)
+    assert set_purge_step(resumed, 2) and open_csv(resumed)
+    resumed.log_metrics({"train/loss": 12.0}, step=2)
+    assert _csv_steps(resumed) == [(0, {"train/loss": 0.0}), (1, {"train/loss": 1.0}), (2, {"train/loss": 12.0})]
+
+
 def test_csv_without_purge_step_keeps_every_row(tmp_path):
     first = CSVLogger(tmp_path, name="run", version=0)
     first.log_metrics({"train/loss": 1.0}, step=7)

@@ -77,6 +77,15 @@ def test_a_resume_drops_the_texts_it_writes_again(tmp_path):
     assert [json.loads(line)["step"] for line in open(f"{cs.log_dir}/texts.jsonl")] == [2]
 
 
+def test_a_resume_after_kill_9_drops_a_torn_text_row(tmp_path):
+    cs = CSVLogger(tmp_path, name="csv", version=0)
+    RunLogger([cs]).text("alarm", "at 2", step=2)
+    with open(f"{cs.log_dir}/texts.jsonl", "a") as f:
+        f.write('{"tag": "alarm", "st')  # the killed run's last append, half written
+    drop_texts_from(cs, 4)
+    assert [json.loads(line)["step"] for line in open(f"{cs.log_dir}/texts.jsonl")] == [2]
+
+
 WRITES = re.compile(r"\b(log_metrics|add_text|add_scalar|add_scalars|add_figure|SummaryWriter)\(")
 
 
